@@ -1,0 +1,292 @@
+"""The space table of a model: which symmetry acts on which parameter axis.
+
+A model's parameters live in a few named *spaces* (design.md, "The symmetry framework").
+For a pre-norm transformer of width d, H heads of size d/H, FFN width f and L layers:
+
+    residual  (d)         orthogonal, or permutation       every residual writer and reader, norm biases
+    ffn.l     (f)         permutation / semi-permutation   fc1 output, fc2 input
+    heads.l   (H units)   permutation / semi-permutation   q, k, v blocks of the qkv output, projection input
+    qk.l      (H blocks)  invertible, one hd x hd map per head: query gets A, key gets A^-T
+    ov.l      (H blocks)  invertible, one map per head: value gets B, projection input B^-1
+
+A :class:`Spec` stores, for every parameter name of the stock model, one entry per tensor axis:
+``None`` (no symmetry acts there) or a tuple of :class:`Segment`s that tile the axis. A segment
+names the chain of ``(space, role)`` pairs acting on it, applied in order. Roles:
+
+- ``"out"``: the axis carries a vector of the space: ``v -> T v`` (writers, fc1 rows, queries);
+- ``"in"``:  the axis is read against the space: ``W -> W T^+`` with ``T^+ T = I``; for square T
+  this is ``W T^-1``, so along the axis the matrix ``T^-T`` acts (readers, fc2 columns, keys);
+- ``"norm"``: a LayerNorm gain or bias, which moves with the normalised stream.
+
+This is Git Re-Basin's ``PermutationSpec`` generalised from permutations to four classes; a new
+architecture is a new table (a new ``_spec_*`` builder), not new algorithms.
+Introduced in chapter 1.
+"""
+from dataclasses import dataclass, field
+
+import torch.nn as nn
+
+
+class UnsupportedModelError(TypeError):
+    """The model (or one of its modules) is outside what glmc_mini supports; the message says which."""
+
+
+@dataclass(frozen=True)
+class Space:
+    """One space of a model. ``size`` units; a unit spans ``unit`` entries on an axis (head size
+    for heads); ``blocks`` > 1 means the class acts block-diagonally (one map per head)."""
+    name: str          # "residual", "ffn.3", "heads.3", "qk.3", "ov.3", "hidden.0"
+    kind: str          # "residual" | "ffn" | "hidden" | "heads" | "qk" | "ov"
+    size: int          # units (heads: H; qk/ov: H * head_dim)
+    classes: tuple     # classes that act exactly: subset of ("perm", "semi", "orth", "inv")
+    unit: int = 1      # axis entries per unit
+    blocks: int = 1    # block-diagonal structure (qk/ov: H blocks of head_dim)
+    layer: int = -1    # block index, -1 for model-wide spaces
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Entries ``start:stop`` of an axis, acted on by ``chain`` = ((space, role), ...) in order."""
+    start: int
+    stop: int
+    chain: tuple
+
+
+@dataclass
+class Spec:
+    """The space table of one model: ``spaces`` by name and ``axes[param][dim]`` segments."""
+    family: str
+    spaces: dict = field(default_factory=dict)
+    axes: dict = field(default_factory=dict)
+    act: str = "gelu"  # the FFN nonlinearity ("relu" admits semi-permutations)
+
+    def add_space(self, space):
+        self.spaces[space.name] = space
+        return space.name
+
+    def set_axis(self, param, dim, ndim, segments):
+        entry = list(self.axes.get(param, (None,) * ndim))
+        entry[dim] = tuple(segments)
+        self.axes[param] = tuple(entry)
+
+    def params_of(self, space):
+        """Parameter names with an axis on which ``space`` acts."""
+        return [p for p, axes in self.axes.items()
+                if any(ax and any(s == space for seg in ax for s, _ in seg.chain) for ax in axes)]
+
+    def of_kind(self, kind):
+        return [n for n, s in self.spaces.items() if s.kind == kind]
+
+
+def _whole(n, *chain):
+    return (Segment(0, n, tuple(chain)),)
+
+
+def _activation_name(module):
+    if isinstance(module, nn.ReLU):
+        return "relu"
+    if isinstance(module, (nn.GELU, nn.Tanh, nn.SiLU, nn.Sigmoid, nn.Identity)):
+        return "gelu" if not isinstance(module, nn.Identity) else "identity"
+    cls = type(module).__name__
+    if "GELU" in cls.upper() or cls in {"SiLUActivation", "QuickGELUActivation"}:
+        return "gelu"
+    raise UnsupportedModelError(f"unsupported activation {cls}: glmc_mini knows ReLU, GELU, tanh, SiLU, sigmoid")
+
+
+def _ffn_classes(act):
+    return ("perm", "semi") if act == "relu" else ("perm",)
+
+
+# --------------------------------------------------------------------------- MLP
+
+_MLP_PASSIVE = (nn.Flatten, nn.Dropout, nn.Identity)
+
+
+def _spec_mlp(model):
+    """nn.Sequential of Linear layers with element-wise activations between them."""
+    linears, acts = [], []
+    for name, module in model.named_children():
+        if isinstance(module, nn.Linear):
+            linears.append(name)
+        elif isinstance(module, _MLP_PASSIVE):
+            continue
+        else:
+            acts.append(_activation_name(module))
+            if len(acts) > len(linears):
+                raise UnsupportedModelError(f"activation {name} before any Linear layer")
+    if len(linears) < 2:
+        raise UnsupportedModelError("an MLP needs at least two Linear layers (one hidden space)")
+    spec = Spec("mlp", act=acts[0] if acts else "identity")
+    for i, (a, b) in enumerate(zip(linears[:-1], linears[1:])):
+        act = acts[i] if i < len(acts) else "identity"
+        n = getattr(model, a).out_features
+        space = spec.add_space(Space(f"hidden.{i}", "hidden", n, _ffn_classes(act), layer=i))
+        spec.set_axis(f"{a}.weight", 0, 2, _whole(n, (space, "out")))
+        if getattr(model, a).bias is not None:
+            spec.set_axis(f"{a}.bias", 0, 1, _whole(n, (space, "out")))
+        spec.set_axis(f"{b}.weight", 1, 2, _whole(n, (space, "in")))
+    return spec
+
+
+# --------------------------------------------------------------------------- transformers
+
+def _attention_spaces(spec, l, H, hd):
+    heads = spec.add_space(Space(f"heads.{l}", "heads", H, ("perm", "semi"), unit=hd, layer=l))
+    qk = spec.add_space(Space(f"qk.{l}", "qk", H * hd, ("inv",), blocks=H, layer=l))
+    ov = spec.add_space(Space(f"ov.{l}", "ov", H * hd, ("inv",), blocks=H, layer=l))
+    D = H * hd
+    qkv = (Segment(0, D, ((qk, "out"), (heads, "out"))),
+           Segment(D, 2 * D, ((qk, "in"), (heads, "out"))),
+           Segment(2 * D, 3 * D, ((ov, "out"), (heads, "out"))))
+    proj_in = (Segment(0, D, ((ov, "in"), (heads, "in"))),)
+    return qkv, proj_in
+
+
+def _norm(spec, prefix, module, d):
+    """A LayerNorm on the residual stream: gain and bias move with the normalised stream."""
+    if not isinstance(module, nn.LayerNorm):
+        raise UnsupportedModelError(f"{prefix}: expected nn.LayerNorm, found {type(module).__name__}")
+    if module.weight is not None:
+        spec.set_axis(f"{prefix}.weight", 0, 1, _whole(d, ("residual", "norm")))
+    if getattr(module, "bias", None) is not None:
+        spec.set_axis(f"{prefix}.bias", 0, 1, _whole(d, ("residual", "norm")))
+
+
+def _linear(spec, name, module, out_segments=None, in_segments=None, conv1d=False):
+    """Axes of a Linear (weight [out, in]) or HF Conv1D (weight [in, out])."""
+    out_dim, in_dim = (1, 0) if conv1d else (0, 1)
+    if out_segments is not None:
+        spec.set_axis(f"{name}.weight", out_dim, 2, out_segments)
+        if module.bias is not None:
+            spec.set_axis(f"{name}.bias", 0, 1, out_segments)
+    if in_segments is not None:
+        spec.set_axis(f"{name}.weight", in_dim, 2, in_segments)
+
+
+def _require_identity(prefix, **modules):
+    for attr, module in modules.items():
+        if module is not None and not isinstance(module, (nn.Identity, nn.Dropout)):
+            raise UnsupportedModelError(
+                f"{prefix}.{attr} is {type(module).__name__}; glmc_mini supports pre-norm blocks without it")
+
+
+def _spec_vit(model):
+    """timm ``VisionTransformer``: pre-norm blocks, class token or average pooling."""
+    d = model.embed_dim
+    spec = Spec("vit")
+    spec.add_space(Space("residual", "residual", d, ("perm", "orth")))
+    R_out, R_in = _whole(d, ("residual", "out")), _whole(d, ("residual", "in"))
+    _check_vit_top(model)
+    for p in ("cls_token", "reg_token", "pos_embed"):
+        t = getattr(model, p, None)
+        if isinstance(t, nn.Parameter):
+            spec.set_axis(p, t.dim() - 1, t.dim(), R_out)
+    spec.set_axis("patch_embed.proj.weight", 0, 4, R_out)
+    if model.patch_embed.proj.bias is not None:
+        spec.set_axis("patch_embed.proj.bias", 0, 1, R_out)
+    acts = set()
+    for l, blk in enumerate(model.blocks):
+        acts.add(_vit_block(spec, f"blocks.{l}", blk, l, d, R_out, R_in))
+    for name in ("norm", "fc_norm"):
+        module = getattr(model, name)
+        if isinstance(module, nn.LayerNorm):
+            _norm(spec, name, module, d)
+    if isinstance(model.head, nn.Linear):
+        _linear(spec, "head", model.head, in_segments=R_in)
+    spec.act = "relu" if acts == {"relu"} else "gelu"
+    return spec
+
+
+def _check_vit_top(model):
+    if model.global_pool not in ("token", "avg"):
+        raise UnsupportedModelError(f"VisionTransformer global_pool={model.global_pool!r}: only 'token' and 'avg'")
+    _require_identity("VisionTransformer", norm_pre=model.norm_pre, patch_drop=getattr(model, "patch_drop", None),
+                      patch_embed_norm=getattr(model.patch_embed, "norm", None))
+    if getattr(model, "attn_pool", None) is not None:
+        raise UnsupportedModelError("VisionTransformer attn_pool (global_pool='map') is not supported")
+    if not isinstance(model.norm, nn.LayerNorm) and not isinstance(model.fc_norm, nn.LayerNorm):
+        raise UnsupportedModelError("VisionTransformer without a final norm: the head would read the raw "
+                                    "residual stream, which has no orthogonal symmetry")
+    if not isinstance(model.head, (nn.Linear, nn.Identity)):
+        raise UnsupportedModelError(f"VisionTransformer head {type(model.head).__name__}: only nn.Linear")
+
+
+def _vit_block(spec, prefix, blk, l, d, R_out, R_in):
+    if type(blk).__name__ != "Block":
+        raise UnsupportedModelError(f"{prefix} is {type(blk).__name__}; only timm's pre-norm Block is supported "
+                                    "(post-norm and parallel blocks have no residual orthogonal symmetry)")
+    attn, mlp = blk.attn, blk.mlp
+    _require_identity(f"{prefix}.attn", q_norm=getattr(attn, "q_norm", None), k_norm=getattr(attn, "k_norm", None),
+                      norm=getattr(attn, "norm", None))
+    if type(mlp).__name__ != "Mlp":
+        raise UnsupportedModelError(f"{prefix}.mlp is {type(mlp).__name__}; only timm's Mlp (fc1, act, fc2)")
+    _require_identity(f"{prefix}.mlp", norm=getattr(mlp, "norm", None))
+    H = attn.num_heads
+    hd = attn.qkv.out_features // (3 * H)
+    qkv, proj_in = _attention_spaces(spec, l, H, hd)
+    _norm(spec, f"{prefix}.norm1", blk.norm1, d)
+    _norm(spec, f"{prefix}.norm2", blk.norm2, d)
+    _linear(spec, f"{prefix}.attn.qkv", attn.qkv, out_segments=qkv, in_segments=R_in)
+    _linear(spec, f"{prefix}.attn.proj", attn.proj, out_segments=R_out, in_segments=proj_in)
+    for ls in ("ls1", "ls2"):
+        if hasattr(getattr(blk, ls), "gamma"):
+            spec.set_axis(f"{prefix}.{ls}.gamma", 0, 1, _whole(d, ("residual", "norm")))
+    act = _activation_name(mlp.act)
+    f = mlp.fc1.out_features
+    ffn = spec.add_space(Space(f"ffn.{l}", "ffn", f, _ffn_classes(act), layer=l))
+    _linear(spec, f"{prefix}.mlp.fc1", mlp.fc1, out_segments=_whole(f, (ffn, "out")), in_segments=R_in)
+    _linear(spec, f"{prefix}.mlp.fc2", mlp.fc2, out_segments=R_out, in_segments=_whole(f, (ffn, "in")))
+    return act
+
+
+def _spec_gpt2(model):
+    """Hugging Face ``GPT2LMHeadModel`` (pre-norm; Conv1D weights are stored [in, out])."""
+    cfg = model.config
+    if getattr(cfg, "add_cross_attention", False):
+        raise UnsupportedModelError("GPT-2 with cross-attention is not supported")
+    d, H = cfg.n_embd, cfg.n_head
+    spec = Spec("gpt2", act="relu" if cfg.activation_function == "relu" else "gelu")
+    spec.add_space(Space("residual", "residual", d, ("perm", "orth")))
+    R_out, R_in = _whole(d, ("residual", "out")), _whole(d, ("residual", "in"))
+    spec.set_axis("transformer.wte.weight", 1, 2, R_out)
+    spec.set_axis("transformer.wpe.weight", 1, 2, R_out)
+    for l, blk in enumerate(model.transformer.h):
+        p = f"transformer.h.{l}"
+        qkv, proj_in = _attention_spaces(spec, l, H, d // H)
+        _norm(spec, f"{p}.ln_1", blk.ln_1, d)
+        _norm(spec, f"{p}.ln_2", blk.ln_2, d)
+        _linear(spec, f"{p}.attn.c_attn", blk.attn.c_attn, qkv, R_in, conv1d=True)
+        _linear(spec, f"{p}.attn.c_proj", blk.attn.c_proj, R_out, proj_in, conv1d=True)
+        f = blk.mlp.c_fc.nf
+        ffn = spec.add_space(Space(f"ffn.{l}", "ffn", f, _ffn_classes(spec.act), layer=l))
+        _linear(spec, f"{p}.mlp.c_fc", blk.mlp.c_fc, _whole(f, (ffn, "out")), R_in, conv1d=True)
+        _linear(spec, f"{p}.mlp.c_proj", blk.mlp.c_proj, R_out, _whole(f, (ffn, "in")), conv1d=True)
+    _norm(spec, "transformer.ln_f", model.transformer.ln_f, d)
+    # tied or not, lm_head reads ln_f's output; tied weights must be untied (canonicalize) before
+    # any non-permutation acts on the residual stream, since wte writes and lm_head reads.
+    spec.set_axis("lm_head.weight", 1, 2, R_in)
+    return spec
+
+
+def build_spec(model):
+    """The :class:`Spec` of a stock model, derived from the instance (its modules and shapes).
+
+    Supports ``nn.Sequential`` MLPs, timm ``VisionTransformer`` and HF ``GPT2LMHeadModel``;
+    anything else raises :class:`UnsupportedModelError` naming the unsupported part.
+    """
+    if getattr(model, "glmc_family", None) == "circuit":
+        return model.spec()
+    if isinstance(model, nn.Sequential):
+        return _spec_mlp(model)
+    try:
+        from timm.models.vision_transformer import VisionTransformer
+        if isinstance(model, VisionTransformer):
+            return _spec_vit(model)
+    except ImportError:  # pragma: no cover
+        pass
+    from transformers import GPT2LMHeadModel
+    if isinstance(model, GPT2LMHeadModel):
+        return _spec_gpt2(model)
+    raise UnsupportedModelError(
+        f"{type(model).__name__} is not supported: glmc_mini handles nn.Sequential MLPs, timm "
+        "VisionTransformer and transformers GPT2LMHeadModel")

@@ -1,0 +1,503 @@
+"""The four symmetry classes as transformations of one space, and their action on a model.
+
+Each transform maps a space of ``n`` units to ``m`` units (``m = n`` except for widening maps) and
+exposes two matrices that act *along a parameter axis*:
+
+    out_matrix  T      [m, n]   axes that carry a vector of the space:        v -> T v
+    in_matrix   T^+^T  [m, n]   axes read against it, with in^T out = I_n:    W -> W T^+
+
+For a square invertible T, ``in = T^-T``; for a permutation or orthogonal map, ``in = out``.
+The classes are nested, S1 ⊂ S2 ⊂ S3 ⊂ S4 (shared/paper.md):
+
+1. :class:`Permutation`: ``(P v)_i = v_perm[i]``. Exact wherever a nonlinearity acts element-wise.
+2. :class:`SemiPermutation`: target unit k copies source ``src[k]`` scaled by ``scale[k] > 0`` and
+   passes on a ``share[k]`` of it (shares of one source sum to 1). Exact for ReLU, since
+   ReLU(s z) = s ReLU(z) for s > 0 and sum_k share_k ReLU(z) = ReLU(z); and for attention heads
+   (copies share the QK circuit and divide the OV circuit, scale 1).
+3. :class:`Orthogonal`: ``O`` with orthonormal columns. On the residual stream it must fix the
+   all-ones direction, so that it commutes with LayerNorm's centring: LayerNorm(O x) = O LayerNorm(x)
+   once the norm's gain is 1 (see ``canonical``). A rectangular O (m > n) embeds a narrower
+   stream; writers then carry ``sqrt(m/n) O`` so that the per-coordinate RMS is unchanged.
+4. :class:`Invertible`: one invertible map per head (block-diagonal): the query gets A and the key
+   A^-T (so q^T k is unchanged), the value gets B and the output projection B^-1.
+
+Introduced in chapter 1 (permutations), extended in chapters 2-4.
+"""
+import copy
+import math
+
+import torch
+
+from .spaces import build_spec, UnsupportedModelError
+
+
+def _move(x, dim):
+    return x.movedim(dim, 0)
+
+
+class Transform:
+    """Base class: one element of a symmetry class acting on one space."""
+    cls = None  # "perm" | "semi" | "orth" | "inv"
+
+    @property
+    def n(self):
+        return self.out_matrix().shape[1]
+
+    @property
+    def m(self):
+        return self.out_matrix().shape[0]
+
+    def matrix(self, role):
+        """The along-axis matrix for ``role`` ("out", "in" or "norm")."""
+        if role == "out":
+            return self.out_matrix()
+        if role == "in":
+            return self.in_matrix()
+        return self.norm_matrix()
+
+    def norm_matrix(self):
+        raise UnsupportedModelError(f"a {type(self).__name__} does not commute with LayerNorm; "
+                                    "only permutations and orthogonal maps act on the residual stream")
+
+    def apply(self, x, dim, role, unit=1, blocks=1):
+        """Act on axis ``dim`` of ``x`` (length n * unit) with the matrix of ``role``: kron(R, I_unit)."""
+        R = self.matrix(role).to(device=x.device, dtype=x.dtype)
+        y = _move(x, dim)
+        rest = y.shape[1:]
+        y = y.reshape(R.shape[1], unit, -1)
+        y = torch.einsum("mn,nur->mur", R, y)
+        return y.reshape(R.shape[0] * unit, *rest).movedim(0, dim)
+
+    def is_permutation(self):
+        return False
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.n} -> {self.m})"
+
+
+class Permutation(Transform):
+    """``(P v)_i = v[perm[i]]``: unit i of the new order is unit ``perm[i]`` of the old.
+
+    Inputs: perm LongTensor [n]. ``matrix`` optionally overrides the dense form (a straight-through
+    estimate in learned matching); then ``perm`` is its hard forward value."""
+    cls = "perm"
+
+    def __init__(self, perm, matrix=None):
+        self.perm = torch.as_tensor(perm, dtype=torch.long)
+        self._matrix = matrix
+
+    def out_matrix(self):
+        if self._matrix is not None:
+            return self._matrix
+        n = len(self.perm)
+        P = torch.zeros(n, n)
+        P[torch.arange(n), self.perm] = 1.0
+        return P
+
+    in_matrix = norm_matrix = out_matrix
+
+    @property
+    def n(self):
+        return len(self.perm)
+
+    m = n
+
+    def apply(self, x, dim, role, unit=1, blocks=1):
+        if self._matrix is not None:
+            return super().apply(x, dim, role, unit)
+        idx = (self.perm.to(x.device)[:, None] * unit + torch.arange(unit, device=x.device)).reshape(-1)
+        return x.index_select(dim, idx)
+
+    def is_permutation(self):
+        return True
+
+    def inverse(self):
+        return Permutation(torch.argsort(self.perm))
+
+    def compose(self, first):
+        """self ∘ first (first applied first)."""
+        if isinstance(first, Permutation):
+            return Permutation(first.perm[self.perm])
+        return _dense_compose(self, first)
+
+    @staticmethod
+    def identity(n):
+        return Permutation(torch.arange(n))
+
+    @staticmethod
+    def random(n, generator=None):
+        return Permutation(torch.randperm(n, generator=generator))
+
+
+class SemiPermutation(Transform):
+    """Sparse non-negative splitting map from n to m >= n units.
+
+    out[k, src[k]] = scale[k] (incoming weights copied and rescaled);
+    in[k, src[k]] = share[k] / scale[k] (outgoing weights divided among the copies).
+    Inputs: src LongTensor [m] covering every source unit, scale [m] > 0, share [m] >= 0 with
+    sum over copies of one source = 1."""
+    cls = "semi"
+
+    def __init__(self, src, scale=None, share=None, n=None):
+        self.src = torch.as_tensor(src, dtype=torch.long)
+        m = len(self.src)
+        self._n = int(n if n is not None else self.src.max() + 1)
+        self.scale = torch.ones(m) if scale is None else torch.as_tensor(scale, dtype=torch.float32)
+        self.share = self._even_shares() if share is None else torch.as_tensor(share, dtype=torch.float32)
+        self._check()
+
+    def _even_shares(self):
+        counts = torch.bincount(self.src, minlength=self._n).float()
+        return 1.0 / counts[self.src]
+
+    def _check(self):
+        counts = torch.bincount(self.src, minlength=self._n)
+        if (counts == 0).any():
+            raise ValueError(f"semi-permutation drops source units {torch.nonzero(counts == 0).flatten().tolist()}")
+        if (self.scale <= 0).any() or (self.share < 0).any():
+            raise ValueError("semi-permutation needs scale > 0 and share >= 0")
+        sums = torch.zeros(self._n).index_add_(0, self.src, self.share)
+        if not torch.allclose(sums, torch.ones_like(sums), atol=1e-5):
+            raise ValueError(f"semi-permutation shares of a source must sum to 1 (worst {sums.sub(1).abs().max():.2e})")
+
+    @property
+    def n(self):
+        return self._n
+
+    @property
+    def m(self):
+        return len(self.src)
+
+    def _sparse(self, values):
+        M = torch.zeros(self.m, self.n)
+        M[torch.arange(self.m), self.src] = values
+        return M
+
+    def out_matrix(self):
+        return self._sparse(self.scale)
+
+    def in_matrix(self):
+        return self._sparse(self.share / self.scale)
+
+    def apply(self, x, dim, role, unit=1, blocks=1):
+        idx = (self.src.to(x.device)[:, None] * unit + torch.arange(unit, device=x.device)).reshape(-1)
+        w = self.scale if role == "out" else self.share / self.scale
+        if role == "norm":
+            return self.norm_matrix()
+        w = w.to(x.device, x.dtype).repeat_interleave(unit)
+        y = _move(x.index_select(dim, idx), dim)
+        return (y * w.view(-1, *([1] * (y.dim() - 1)))).movedim(0, dim)
+
+    def is_permutation(self):
+        return self.m == self.n and bool((self.scale == 1).all()) and len(set(self.src.tolist())) == self.n
+
+    def inverse(self):
+        if self.m != self.n:
+            raise ValueError("only a square semi-permutation (a scaled permutation) has an inverse in the class")
+        inv = torch.argsort(self.src)
+        return SemiPermutation(inv, scale=1.0 / self.scale[inv], n=self.n)
+
+    def compose(self, first):
+        """self ∘ first: units of self's source space are first's targets."""
+        if isinstance(first, (SemiPermutation, Permutation)):
+            f = first if isinstance(first, SemiPermutation) else SemiPermutation(first.perm, n=first.n)
+            return SemiPermutation(f.src[self.src], self.scale * f.scale[self.src],
+                                   self.share * f.share[self.src], n=f.n)
+        return _dense_compose(self, first)
+
+    @staticmethod
+    def identity(n):
+        return SemiPermutation(torch.arange(n), n=n)
+
+    @staticmethod
+    def random(n, m=None, generator=None, max_scale=2.0):
+        """A random element: a permutation, positive scales in [1/max_scale, max_scale], and
+        (m > n) m - n extra copies of random sources with random shares."""
+        m = n if m is None else m
+        src = torch.cat([torch.arange(n), torch.randint(n, (m - n,), generator=generator)])
+        src = src[torch.randperm(m, generator=generator)]
+        log_s = (torch.rand(m, generator=generator) * 2 - 1) * math.log(max_scale)
+        raw = torch.rand(m, generator=generator) + 0.1
+        share = raw / torch.zeros(n).index_add_(0, src, raw)[src]
+        return SemiPermutation(src, log_s.exp(), share, n=n)
+
+
+class Orthogonal(Transform):
+    """``O`` [m, n] with orthonormal columns (m >= n). Writers carry ``sqrt(m/n) O`` (RMS kept)."""
+    cls = "orth"
+
+    def __init__(self, O):
+        self.O = O
+
+    def out_matrix(self):
+        m, n = self.O.shape
+        return self.O if m == n else self.O * math.sqrt(m / n)
+
+    def in_matrix(self):
+        return self.O
+
+    norm_matrix = in_matrix
+
+    def fixes_ones(self, atol=1e-4):
+        """Does O map the normalised all-ones vector of R^n to that of R^m?"""
+        m, n = self.O.shape
+        ones = torch.ones(n, dtype=self.O.dtype, device=self.O.device) / math.sqrt(n)
+        return bool(torch.allclose(self.O @ ones, torch.full((m,), 1 / math.sqrt(m), dtype=self.O.dtype,
+                                                           device=self.O.device), atol=atol))
+
+    def inverse(self):
+        if self.O.shape[0] != self.O.shape[1]:
+            raise ValueError("a rectangular orthogonal embedding has no inverse in the class")
+        return Orthogonal(self.O.T)
+
+    def compose(self, first):
+        if isinstance(first, Orthogonal):
+            return Orthogonal(self.O @ first.O)
+        if isinstance(first, Permutation):
+            return Orthogonal(self.O @ first.out_matrix().to(self.O))
+        return _dense_compose(self, first)
+
+    @staticmethod
+    def identity(n):
+        return Orthogonal(torch.eye(n))
+
+    @staticmethod
+    def random(n, m=None, generator=None, fix_ones=True):
+        """Haar-random on the subspace orthogonal to the all-ones vector (``fix_ones``), plus
+        ``u_m u_n^T`` with u the normalised all-ones vectors: O 1 ∝ 1 and O^T O = I."""
+        m = n if m is None else m
+        if not fix_ones:
+            return Orthogonal(_haar(m, n, generator))
+        Qn, Qm = ones_complement(n), ones_complement(m)
+        R = _haar(m - 1, n - 1, generator).double()
+        O = Qm @ R @ Qn.T + torch.ones(m, n, dtype=torch.float64) / math.sqrt(m * n)
+        return Orthogonal(O.float())
+
+
+def _haar(m, n, generator=None):
+    G = torch.randn(m, n, generator=generator, dtype=torch.float64)
+    Q, R = torch.linalg.qr(G)
+    return (Q * torch.sign(torch.diagonal(R))).float()
+
+
+def ones_complement(n, dtype=torch.float64):
+    """An orthonormal basis [n, n-1] of the subspace orthogonal to the all-ones vector (Helmert)."""
+    H = torch.zeros(n, n - 1, dtype=dtype)
+    for k in range(1, n):
+        H[:k, k - 1] = 1.0
+        H[k, k - 1] = -k
+        H[:, k - 1] /= math.sqrt(k * (k + 1))
+    return H
+
+
+class Invertible(Transform):
+    """Block-diagonal invertible map, one [hd, hd] block per head. Inputs: A [H, hd, hd]."""
+    cls = "inv"
+
+    def __init__(self, A):
+        self.A = A
+
+    def out_matrix(self):
+        return torch.block_diag(*self.A)
+
+    def in_matrix(self):
+        return torch.block_diag(*self.inv_t())
+
+    def inv_t(self):
+        """A^-T per block, computed in float64."""
+        return torch.linalg.inv(self.A.double()).transpose(-1, -2).to(self.A.dtype)
+
+    def apply(self, x, dim, role, unit=1, blocks=1):
+        if role == "norm":
+            return self.norm_matrix()
+        B = self.A if role == "out" else self.inv_t()
+        B = B.to(device=x.device, dtype=x.dtype)
+        H, hd, _ = B.shape
+        y = _move(x, dim)
+        rest = y.shape[1:]
+        y = torch.einsum("hij,hjr->hir", B, y.reshape(H, hd, -1))
+        return y.reshape(H * hd, *rest).movedim(0, dim)
+
+    def inverse(self):
+        return Invertible(torch.linalg.inv(self.A.double()).to(self.A.dtype))
+
+    def compose(self, first):
+        return Invertible(self.A @ first.A)
+
+    @property
+    def n(self):
+        return self.A.shape[0] * self.A.shape[1]
+
+    m = n
+
+    @staticmethod
+    def identity(H, hd):
+        return Invertible(torch.eye(hd).repeat(H, 1, 1))
+
+    @staticmethod
+    def random(H, hd, generator=None, cond=4.0):
+        """Well-conditioned: U diag(s) V^T with Haar U, V and s log-uniform in [1/sqrt(cond), sqrt(cond)]."""
+        U = torch.stack([_haar(hd, hd, generator) for _ in range(H)])
+        V = torch.stack([_haar(hd, hd, generator) for _ in range(H)])
+        s = ((torch.rand(H, hd, generator=generator) - 0.5) * math.log(cond)).exp()
+        return Invertible(U @ torch.diag_embed(s) @ V.transpose(-1, -2))
+
+
+def _dense_compose(second, first):
+    raise TypeError(f"cannot compose {type(second).__name__} after {type(first).__name__}: "
+                    "they belong to different classes")
+
+
+# --------------------------------------------------------------------------- on whole models
+
+def identity_transforms(spec):
+    """The identity element on every space."""
+    out = {}
+    for name, s in spec.spaces.items():
+        if s.kind in ("qk", "ov"):
+            out[name] = Invertible.identity(s.blocks, s.size // s.blocks)
+        else:
+            out[name] = Permutation.identity(s.size)
+    return out
+
+
+def random_transforms(spec, symmetries=("perm", "semi", "orth", "inv"), seed=0):
+    """A random element of the richest allowed class on each space (same widths).
+
+    Residual: orthogonal fixing the all-ones direction if "orth" (needs a canonical model), else a
+    permutation. FFN/hidden: a scaled permutation if "semi" and the activation is ReLU, else a
+    permutation. Heads: a permutation. qk/ov: well-conditioned per-head invertible maps if "inv".
+    """
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, s in spec.spaces.items():
+        allowed = [c for c in s.classes if c in symmetries]
+        if s.kind in ("qk", "ov"):
+            if "inv" in allowed:
+                out[name] = Invertible.random(s.blocks, s.size // s.blocks, generator=g)
+        elif "orth" in allowed:
+            out[name] = Orthogonal.random(s.size, generator=g)
+        elif "semi" in allowed and s.kind != "heads":
+            out[name] = SemiPermutation.random(s.size, generator=g)
+        elif "perm" in allowed or "semi" in allowed:
+            out[name] = Permutation.random(s.size, generator=g)
+    return out
+
+
+def compose_transforms(second, first):
+    """Space-wise ``second ∘ first`` (first applied first); a space missing in one is the identity there."""
+    out = dict(first)
+    for name, T in second.items():
+        out[name] = T.compose(first[name]) if name in first else T
+    return out
+
+
+def invert_transforms(transforms):
+    """Space-wise inverse."""
+    return {name: T.inverse() for name, T in transforms.items()}
+
+
+def _check_transform(space, T, state, spec):
+    if T.cls == "perm" or T.is_permutation():
+        return
+    if T.cls not in space.classes:
+        why = {"semi": "semi-permutations are exact only for ReLU units and attention heads",
+               "orth": "orthogonal maps act only on the residual stream",
+               "inv": "invertible maps act only on the per-head qk and ov spaces"}[T.cls]
+        raise UnsupportedModelError(f"a {type(T).__name__} cannot act on space {space.name!r}: {why}")
+    if space.kind == "heads" and bool((T.scale != 1).any()):
+        raise UnsupportedModelError("attention heads admit splitting but not rescaling (scale must be 1)")
+    if space.kind == "residual":
+        _check_residual(T, state, spec)
+
+
+def _check_residual(T, state, spec):
+    if isinstance(T, Orthogonal) and not T.fixes_ones():
+        raise UnsupportedModelError("an orthogonal map of the residual stream must fix the all-ones direction "
+                                    "(O 1 = 1) to commute with LayerNorm; see Orthogonal.random / ones_complement")
+    for p, axes in spec.axes.items():
+        gains = p.endswith(".weight") or p.endswith(".gamma")
+        if gains and any(ax and ax[0].chain[0][1] == "norm" for ax in axes):
+            g = state[p]
+            if not torch.allclose(g, torch.ones_like(g), atol=1e-6):
+                raise UnsupportedModelError(f"{p} is not 1: an orthogonal map of the residual stream needs the "
+                                            "canonical form; call gm.canonicalize(model) first")
+
+
+def transform_state(state, spec, transforms, check=True):
+    """Apply ``transforms`` (space name -> Transform) to a state dict; returns a new dict.
+
+    For each parameter and each axis, each segment's chain of (space, role) is applied in order:
+    ``x_seg -> R_k ... R_1 x_seg`` with R = out/in/norm matrix of the space's transform
+    (kron with I_unit for heads). Differentiable in the transforms' tensors.
+    """
+    if check:
+        for name, T in transforms.items():
+            if name not in spec.spaces:
+                raise KeyError(f"unknown space {name!r}; the model has {sorted(spec.spaces)}")
+            _check_transform(spec.spaces[name], T, state, spec)
+    out = dict(state)
+    for p, axes in spec.axes.items():
+        if p not in state:
+            continue
+        x = state[p]
+        for dim, segments in enumerate(axes):
+            if segments:
+                x = _transform_axis(x, dim, segments, spec, transforms)
+        out[p] = x
+    return out
+
+
+def _transform_axis(x, dim, segments, spec, transforms):
+    pieces = []
+    for seg in segments:
+        y = x.narrow(dim, seg.start, seg.stop - seg.start)
+        for space_name, role in seg.chain:
+            T = transforms.get(space_name)
+            if T is not None:
+                space = spec.spaces[space_name]
+                y = T.apply(y, dim, role, unit=space.unit, blocks=space.blocks)
+        pieces.append(y)
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
+
+
+def apply_transforms(model, transforms, spec=None):
+    """A copy of ``model`` with ``transforms`` applied; same function, same stock class.
+
+    Inputs: model (untouched), transforms {space name: Transform}. Widths may change only where
+    the class allows it (a semi-permutation widening an FFN/hidden layer); the copy is then
+    resized module by module.
+    """
+    spec = spec or build_spec(model)
+    with torch.no_grad():
+        state = transform_state(dict(model.state_dict()), spec, transforms)
+    new = copy.deepcopy(model)
+    _resize_to(new, state)
+    new.load_state_dict(state)
+    return new
+
+
+def _resize_to(model, state):
+    """Replace Linear / Conv1D modules whose parameter shapes differ from ``state``."""
+    own = model.state_dict()
+    changed = {k.rsplit(".", 1)[0] for k, v in state.items() if k in own and own[k].shape != v.shape}
+    for mod_name in changed:
+        parent_name, _, attr = mod_name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, attr)
+        w = state[f"{mod_name}.weight"]
+        setattr(parent, attr, _resized_module(old, w, mod_name))
+    if getattr(model, "config", None) is not None and hasattr(model.config, "n_inner"):
+        f = {state[k].shape[1] for k in state if k.endswith("mlp.c_fc.weight")}
+        if len(f) == 1:
+            model.config.n_inner = f.pop()
+
+
+def _resized_module(old, w, name):
+    if isinstance(old, torch.nn.Linear):
+        new = torch.nn.Linear(w.shape[1], w.shape[0], bias=old.bias is not None)
+    elif type(old).__name__ == "Conv1D":
+        new = type(old)(w.shape[1], w.shape[0])
+    else:
+        raise UnsupportedModelError(f"cannot change the width of {name} ({type(old).__name__})")
+    return new.to(device=w.device, dtype=w.dtype)
