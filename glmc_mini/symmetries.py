@@ -449,8 +449,11 @@ def transform_state(state, spec, transforms, check=True):
 
 
 def _transform_axis(x, dim, segments, spec, transforms):
-    pieces = []
-    for seg in segments:
+    pieces, end = [], 0
+    for seg in sorted(segments, key=lambda s: s.start):
+        if seg.start > end:  # entries no segment covers stay as they are
+            pieces.append(x.narrow(dim, end, seg.start - end))
+        end = seg.stop
         y = x.narrow(dim, seg.start, seg.stop - seg.start)
         for space_name, role in seg.chain:
             T = transforms.get(space_name)
@@ -458,6 +461,8 @@ def _transform_axis(x, dim, segments, spec, transforms):
                 space = spec.spaces[space_name]
                 y = T.apply(y, dim, role, unit=space.unit, blocks=space.blocks)
         pieces.append(y)
+    if end < x.shape[dim]:
+        pieces.append(x.narrow(dim, end, x.shape[dim] - end))
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
 
 
