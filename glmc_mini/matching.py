@@ -20,7 +20,6 @@ generalised from permutations to four classes):
 Activation matching runs the same solvers on activation statistics of a batch (see
 :func:`activation_matching`). Introduced in chapter 1 (permutations), extended in chapters 2-4.
 """
-import math
 import random
 
 import torch
@@ -217,36 +216,141 @@ def _update_invertible(spec, space, A, B, transforms):
 
 
 def weight_matching(model_a, model_b, symmetries=("perm", "orth", "inv"), seed=0, max_iter=50,
-                    tol=1e-7, progress=False, init=None):
+                    tol=1e-7, progress=False, init=None, fixed=()):
     """Data-free alignment of B onto A: transforms {space: Transform} with T(B) close to A.
 
     Coordinate descent (module docstring) in a random order per sweep, seeded; stops when a
     sweep lowers ||A - T(B)||^2 by less than ``tol`` (relative) or after ``max_iter`` sweeps.
-    Returns (transforms, history of distances).
+    ``init`` starts from given transforms; spaces in ``fixed`` keep theirs.
+    Returns (transforms, history of distances); the transforms are the best seen.
     """
     spec = build_spec(model_a)
     A, B = _state(model_a), _state(model_b)
     classes = _updatable(spec, symmetries)
-    T = {k: v for k, v in (init or identity_transforms(spec)).items() if k in classes}
+    T = {k: v for k, v in {**identity_transforms(spec), **(init or {})}.items() if k in classes}
     rng = random.Random(seed)
     history = [distance(A, transform_state(B, spec, T, check=False))]
+    best = (history[0], dict(T))
     bar = tqdm(range(max_iter), desc="weight matching", disable=not progress, leave=False)
     for _ in bar:
-        order = list(classes)
+        order = [s for s in classes if s not in fixed]
         rng.shuffle(order)
         for space in order:
             T[space] = _update(spec, space, classes[space], A, B, T)
         history.append(distance(A, transform_state(B, spec, T, check=False)))
         bar.set_postfix(dist=f"{history[-1]:.4g}")
+        if history[-1] < best[0]:
+            best = (history[-1], dict(T))
         if history[-2] - history[-1] <= tol * max(history[-2], 1e-30):
             break
-    return T, history
+    return best[1], history
 
 
 def _update(spec, space, cls, A, B, T):
     kind = spec.spaces[space].kind
-    if kind == "heads":
+    if kind == "heads" and spec.family != "circuit":
         return _update_heads(spec, space, A, B, T)
     if cls == "inv":
         return _update_invertible(spec, space, A, B, T)
     return _update_units(spec, space, cls, A, B, T)
+
+
+# --------------------------------------------------------------------------- activation matching
+
+def _unit_modules(model, spec):
+    """{space: module whose output holds the space's activations} for FFN / hidden units, and
+    {"residual": [LayerNorms]} whose inputs are the residual stream."""
+    import torch.nn as nn
+    if spec.family == "mlp":
+        acts = [m for m in model.children() if not isinstance(m, (nn.Linear, nn.Flatten, nn.Dropout, nn.Identity))]
+        return {f"hidden.{i}": m for i, m in enumerate(acts[:len(spec.of_kind("hidden"))])}, []
+    blocks = model.blocks if spec.family == "vit" else model.transformer.h
+    units = {f"ffn.{l}": blk.mlp.act for l, blk in enumerate(blocks)}
+    d = spec.spaces["residual"].size
+    norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm) and m.normalized_shape == (d,)]
+    return units, norms
+
+
+class _Stats:
+    """Streaming cross-correlation of two activation matrices X_A, X_B [N, n]."""
+
+    def __init__(self):
+        self.sa = self.sb = self.saa = self.sbb = self.sab = None
+        self.count = 0
+
+    def add(self, a, b):
+        a, b = a.double(), b.double()
+        parts = (a.sum(0), b.sum(0), (a * a).sum(0), (b * b).sum(0), a.T @ b)
+        if self.sab is None:
+            self.sa, self.sb, self.saa, self.sbb, self.sab = parts
+        else:
+            for name, p in zip(("sa", "sb", "saa", "sbb", "sab"), parts):
+                setattr(self, name, getattr(self, name) + p)
+        self.count += a.shape[0]
+
+    def correlation(self):
+        n = self.count
+        ma, mb = self.sa / n, self.sb / n
+        cov = self.sab / n - ma[:, None] * mb[None, :]
+        sa = (self.saa / n - ma ** 2).clamp_min(1e-12).sqrt()
+        sb = (self.sbb / n - mb ** 2).clamp_min(1e-12).sqrt()
+        return cov / (sa[:, None] * sb[None, :])
+
+    def cross(self):
+        return self.sab
+
+
+def _record(model, units, norms, batch):
+    """Run ``model`` on ``batch`` and return {space: activations [N, n]} ("residual" stacks every norm input)."""
+    from .models import batch_loss, model_kind
+    got, hooks = {}, []
+    for space, module in units.items():
+        hooks.append(module.register_forward_hook(
+            lambda m, i, o, s=space: got.__setitem__(s, o.detach().reshape(-1, o.shape[-1]))))
+    for module in norms:
+        hooks.append(module.register_forward_hook(
+            lambda m, i, o: got.setdefault("residual", []).append(i[0].detach().reshape(-1, i[0].shape[-1]))))
+    try:
+        with torch.no_grad():
+            batch_loss(model, batch, model_kind(model))
+    finally:
+        for h in hooks:
+            h.remove()
+    if "residual" in got:
+        got["residual"] = torch.cat(got["residual"])
+    return got
+
+
+def activation_matching(model_a, model_b, data, symmetries=("perm", "orth", "inv"), seed=0, max_batches=8,
+                        progress=False):
+    """Align B onto A from activation statistics of a shared batch stream.
+
+    FFN / hidden units: linear assignment on the correlation of their activations over the data;
+    the residual stream: Procrustes (fixing ones) or assignment on the cross-covariance of the
+    stream entering every LayerNorm. Heads and per-head maps have no activations of their own that
+    are free of the other choices, so with the units and the stream fixed they are solved as in
+    weight matching (circuit similarity, balanced factor matching).
+    Returns {space: Transform}.
+    """
+    spec = build_spec(model_a)
+    classes = _updatable(spec, symmetries)
+    units_a, norms_a = _unit_modules(model_a, spec)
+    units_b, norms_b = _unit_modules(model_b, spec)
+    stats = {}
+    for i, batch in enumerate(data):
+        if i >= max_batches:
+            break
+        fa, fb = _record(model_a, units_a, norms_a, batch), _record(model_b, units_b, norms_b, batch)
+        for space in fa:
+            if space in classes:
+                stats.setdefault(space, _Stats()).add(fa[space], fb[space])
+    if not stats:
+        raise ValueError("activation matching got no batches")
+    T = {}
+    for space, st in stats.items():
+        if classes[space] == "orth":
+            T[space] = procrustes_fixing_ones(st.cross().float())
+        else:
+            T[space] = assignment(st.correlation())
+    rest, _ = weight_matching(model_a, model_b, symmetries, seed=seed, init=T, fixed=tuple(T), progress=progress)
+    return rest

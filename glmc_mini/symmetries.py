@@ -118,6 +118,10 @@ class Permutation(Transform):
         """self ∘ first (first applied first)."""
         if isinstance(first, Permutation):
             return Permutation(first.perm[self.perm])
+        if isinstance(first, SemiPermutation):  # S1 ⊂ S2: the result is a semi-permutation
+            return SemiPermutation(self.perm, n=self.n).compose(first)
+        if isinstance(first, Orthogonal):  # S1 ⊂ S3
+            return Orthogonal(self.out_matrix().to(first.O) @ first.O)
         return _dense_compose(self, first)
 
     @staticmethod
@@ -322,6 +326,8 @@ class Invertible(Transform):
         return Invertible(torch.linalg.inv(self.A.double()).to(self.A.dtype))
 
     def compose(self, first):
+        if not isinstance(first, Invertible):
+            return _dense_compose(self, first)
         return Invertible(self.A @ first.A)
 
     @property
@@ -384,27 +390,79 @@ def random_transforms(spec, symmetries=("perm", "semi", "orth", "inv"), seed=0):
     return out
 
 
+def _heads_space(name):
+    """The heads space whose permutation acts after the per-head maps of ``name`` ("qk.3" -> "heads.3")."""
+    kind, _, layer = name.partition(".")
+    return f"heads.{layer}" if kind in ("qk", "ov") else None
+
+
+def _head_order(P):
+    """The head order of a heads transform that only reorders heads, else None."""
+    if isinstance(P, Permutation):
+        return P.perm
+    if isinstance(P, SemiPermutation) and P.m == P.n and len(set(P.src.tolist())) == P.n:
+        return P.src
+    return None
+
+
+def _per_head(T, heads, name, inverse):
+    """Re-index the per-head blocks of ``T`` (qk/ov) across the heads map acting after the per-head maps.
+
+    Along a q/k/v axis a transform set acts as ``P A`` (A block-diagonal, then the heads order P), so
+    ``P2 A2 P1 A1 = (P2 P1) (P1^-1 A2 P1) A1`` and ``(P A)^-1 = P^-1 (P A^-1 P^-1)``."""
+    if heads is None or not isinstance(T, Invertible):
+        return T
+    order = _head_order(heads)
+    if order is None:
+        if torch.equal(T.A, torch.eye(T.A.shape[-1], dtype=T.A.dtype).expand_as(T.A)):
+            return T
+        raise ValueError(f"cannot move the per-head maps of {name!r} across a head-splitting map")
+    order = order.to(T.A.device)
+    return Invertible(T.A[order] if inverse else T.A[torch.argsort(order)])
+
+
 def compose_transforms(second, first):
-    """Space-wise ``second ∘ first`` (first applied first); a space missing in one is the identity there."""
+    """Space-wise ``second ∘ first`` (first applied first); a space missing in one is the identity there.
+
+    Applying the result equals applying ``first`` and then ``second``: per-head maps (qk, ov) of
+    ``second`` are re-indexed by ``first``'s head permutation of the same layer."""
     out = dict(first)
     for name, T in second.items():
+        T = _per_head(T, first.get(_heads_space(name)), name, inverse=False)
         out[name] = T.compose(first[name]) if name in first else T
     return out
 
 
 def invert_transforms(transforms):
-    """Space-wise inverse."""
-    return {name: T.inverse() for name, T in transforms.items()}
+    """Space-wise inverse: applying ``transforms`` and then the result gives back the parameters."""
+    out = {}
+    for name, T in transforms.items():
+        out[name] = _per_head(T.inverse(), transforms.get(_heads_space(name)), name, inverse=True)
+    return out
 
 
 def _check_transform(space, T, state, spec):
-    if T.cls == "perm" or T.is_permutation():
-        return
-    if T.cls not in space.classes:
+    permutation = T.cls == "perm" or T.is_permutation()
+    if not permutation and T.cls not in space.classes:
         why = {"semi": "semi-permutations are exact only for ReLU units and attention heads",
                "orth": "orthogonal maps act only on the residual stream",
                "inv": "invertible maps act only on the per-head qk and ov spaces"}[T.cls]
         raise UnsupportedModelError(f"a {type(T).__name__} cannot act on space {space.name!r}: {why}")
+    if T.n != space.size or (isinstance(T, Invertible) and T.A.shape[0] != space.blocks):
+        raise ValueError(f"a {type(T).__name__} of {T.n} units cannot act on space {space.name!r} of "
+                         f"{space.size} units" + (f" in {space.blocks} blocks" if space.blocks > 1 else ""))
+    if T.m != T.n and spec.family in ("mlp", "vit", "gpt2") and space.kind not in ("ffn", "hidden"):
+        raise UnsupportedModelError(f"a {type(T).__name__} {T.n} -> {T.m} cannot change the width of space "
+                                    f"{space.name!r} of a stock model: only FFN / hidden layers can be resized")
+    if permutation and space.blocks > 1:  # block-diagonal spaces (qk, ov): entries must stay in their head
+        src = T.perm if isinstance(T, Permutation) else T.src
+        unit = space.size // space.blocks
+        if not torch.equal(src.cpu() // unit, torch.arange(len(src)) // unit):
+            raise UnsupportedModelError(f"a permutation of space {space.name!r} moves entries between heads; "
+                                        "per-head maps keep every entry in its head (reorder whole heads "
+                                        "with the heads space)")
+    if permutation:
+        return
     if space.kind == "heads" and bool((T.scale != 1).any()):
         raise UnsupportedModelError("attention heads admit splitting but not rescaling (scale must be 1)")
     if space.kind == "residual":
@@ -484,6 +542,8 @@ def apply_transforms(model, transforms, spec=None):
 
 def _resize_to(model, state):
     """Replace Linear / Conv1D modules whose parameter shapes differ from ``state``."""
+    if hasattr(model, "resize_to"):  # the circuit module knows its own head counts
+        return model.resize_to(state)
     own = model.state_dict()
     changed = {k.rsplit(".", 1)[0] for k, v in state.items() if k in own and own[k].shape != v.shape}
     for mod_name in changed:

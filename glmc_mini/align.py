@@ -1,0 +1,122 @@
+"""``gm.align``: one entry point for every alignment method, on stock or circuit form.
+
+    res = gm.align(model_a, model_b, method="weight", symmetries=("perm", "orth", "inv"))
+    res.model_a   # A in canonical form (a stock model; untouched copy for method="none")
+    res.model_b   # B moved onto A: the same function as B
+    gm.interpolate(res.model_a, res.model_b, 0.5)
+
+Methods: "none" (plain averaging), "weight" (data-free, ``matching.weight_matching``),
+"activation" (``matching.activation_matching``, needs ``data``), "learned" (weight matching, then
+``learned.learned_matching`` on ``data``). Forms: "stock" merges the factors of stock-class models;
+"circuit" converts both aligned models to the paper's circuit form (``circuit.to_circuit``), where
+per-head invertible maps vanish and the merge interpolates QK and OV circuits.
+Introduced in chapter 1; learned matching in chapter 5.
+"""
+import time
+from dataclasses import dataclass, field
+
+from .canonical import canonicalize
+from .spaces import build_spec
+from .symmetries import apply_transforms
+
+METHODS = ("none", "activation", "weight", "learned")
+CLASSES = ("perm", "semi", "orth", "inv")
+FORMS = ("stock", "circuit")
+
+
+@dataclass
+class AlignResult:
+    """What ``align`` found: the two models to merge, the transforms per space, and the cost."""
+    model_a: object          # canonical A (or circuit form of it)
+    model_b: object          # B moved onto A, same function as B
+    transforms: dict         # {space name: Transform} taking canonical B to model_b
+    method: str
+    symmetries: tuple
+    form: str
+    seconds: float
+    history: list = field(default_factory=list)   # weight matching: ||A - T(B)||^2 per sweep
+    losses: list = field(default_factory=list)    # learned matching: merged loss per step
+
+
+def _validate(method, symmetries, data, form):
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    if isinstance(symmetries, str):
+        symmetries = (symmetries,)
+    unknown = [s for s in symmetries if s not in CLASSES]
+    if unknown or not symmetries:
+        raise ValueError(f"unknown symmetry class {unknown or '(none given)'}; choose from {CLASSES}")
+    if method in ("activation", "learned") and data is None:
+        raise ValueError(f"method={method!r} needs data: an iterable of batches, e.g. a DataLoader")
+    if form not in FORMS:
+        raise ValueError(f"unknown form {form!r}; choose 'stock' or 'circuit'")
+    return tuple(symmetries)
+
+
+def check_pair(model_a, model_b):
+    """ValueError naming the first difference if A and B are not the same architecture."""
+    spec_a, spec_b = build_spec(model_a), build_spec(model_b)
+    if spec_a.family != spec_b.family:
+        raise ValueError(f"models of different families: {spec_a.family} and {spec_b.family}")
+    sa, sb = model_a.state_dict(), model_b.state_dict()
+    for k in sa:
+        if k not in sb:
+            raise ValueError(f"parameter {k} is in model_a but not in model_b")
+        if sa[k].shape != sb[k].shape:
+            raise ValueError(f"incompatible shapes at {k}: {tuple(sa[k].shape)} vs {tuple(sb[k].shape)} "
+                             "(for different widths use gm.embed_wider first)")
+    return spec_a
+
+
+def align(model_a, model_b, method="weight", symmetries=("perm", "orth", "inv"), data=None, steps=None,
+          seed=0, form="stock", progress=True, lr=None):
+    """Bring ``model_b`` onto ``model_a`` modulo the chosen symmetry classes.
+
+    Inputs: two models of one architecture (stock MLP / timm ViT / HF GPT-2), untouched;
+    method in METHODS; symmetries, any of "perm" "semi" "orth" "inv"; data, an iterable of
+    batches ((x, y) for classifiers, token ids [B, T] for language models); steps, learned-matching
+    steps (default 200); form "stock" or "circuit". Returns an :class:`AlignResult`.
+    """
+    symmetries = _validate(method, symmetries, data, form)
+    spec = check_pair(model_a, model_b)
+    start = time.perf_counter()
+    if method == "none" and form == "stock":
+        import copy
+        return AlignResult(copy.deepcopy(model_a), copy.deepcopy(model_b), {}, method, symmetries, form,
+                           time.perf_counter() - start)
+    A, B = canonicalize(model_a), canonicalize(model_b)
+    res = AlignResult(A, B, {}, method, symmetries, form, 0.0)
+    if method != "none":
+        _solve(res, spec, data, steps, seed, progress, lr)
+    if form == "circuit":
+        _to_circuit_form(res, data, steps, seed, progress, lr)
+    else:
+        res.model_b = apply_transforms(B, res.transforms)
+    res.seconds = time.perf_counter() - start
+    return res
+
+
+def _solve(res, spec, data, steps, seed, progress, lr):
+    from .matching import activation_matching, weight_matching
+    A, B = res.model_a, res.model_b
+    if res.method == "activation":
+        res.transforms = activation_matching(A, B, data, symmetries=res.symmetries, seed=seed)
+        return
+    res.transforms, res.history = weight_matching(A, B, symmetries=res.symmetries, seed=seed, progress=progress)
+    if res.method == "learned" and res.form == "stock":
+        from .learned import learned_matching
+        res.transforms, res.losses = learned_matching(A, B, data, res.transforms, steps=steps or 200,
+                                                      lr=lr or 1e-3, seed=seed, progress=progress)
+
+
+def _to_circuit_form(res, data, steps, seed, progress, lr):
+    """Circuit form: per-head invertible maps vanish; learned matching refines perms and O there."""
+    from .circuit import to_circuit
+    T = {k: v for k, v in res.transforms.items() if not k.startswith(("qk.", "ov."))}
+    A, B = to_circuit(res.model_a), to_circuit(res.model_b)
+    if res.method == "learned":
+        from .learned import learned_matching
+        T, res.losses = learned_matching(A, B, data, T, steps=steps or 200, lr=lr or 1e-3, seed=seed,
+                                         progress=progress)
+    res.transforms, res.model_a = T, A
+    res.model_b = apply_transforms(B, T)
