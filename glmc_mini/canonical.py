@@ -68,9 +68,15 @@ def _centre_writers(model, spec):
 def _fold_gains(model, family):
     for norm_name, readers in _norm_readers(model, family):
         norm = model.get_submodule(norm_name)
+        if norm.weight is None:  # elementwise_affine=False: no gain (and no bias) to fold
+            continue
         g = norm.weight.detach().clone()
         if (g.abs() < 1e-12).any():
             raise UnsupportedModelError(f"{norm_name} has a zero gain: it cannot be folded into its readers")
+        if not readers:
+            raise UnsupportedModelError(f"{norm_name} has no reader to fold its gain into (a "
+                                        f"{type(model).__name__} without a Linear head, num_classes=0): "
+                                        "its output is the residual stream itself")
         for r in readers:
             W = model.get_submodule(r).weight
             in_dim = 0 if type(model.get_submodule(r)).__name__ == "Conv1D" else 1

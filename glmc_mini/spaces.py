@@ -104,21 +104,31 @@ _MLP_PASSIVE = (nn.Flatten, nn.Dropout, nn.Identity)
 
 def _spec_mlp(model):
     """nn.Sequential of Linear layers with element-wise activations between them."""
-    linears, acts = [], []
+    linears, gaps = [], []  # gaps[i]: the activations between Linear i and Linear i + 1
     for name, module in model.named_children():
         if isinstance(module, nn.Linear):
             linears.append(name)
+            gaps.append([])
         elif isinstance(module, _MLP_PASSIVE):
             continue
         else:
-            acts.append(_activation_name(module))
-            if len(acts) > len(linears):
+            act = _activation_name(module)
+            if not linears:
                 raise UnsupportedModelError(f"activation {name} before any Linear layer")
+            gaps[-1].append(act)
     if len(linears) < 2:
         raise UnsupportedModelError("an MLP needs at least two Linear layers (one hidden space)")
-    spec = Spec("mlp", act=acts[0] if acts else "identity")
+
+    def gap_act(acts):  # several element-wise maps in a row: ReLU-like only if all are ReLU
+        acts = [a for a in acts if a != "identity"]
+        if not acts:
+            return "identity"
+        return "relu" if set(acts) == {"relu"} else "gelu"
+
+    hidden_acts = [gap_act(g) for g in gaps[:-1]]
+    spec = Spec("mlp", act=hidden_acts[0])
     for i, (a, b) in enumerate(zip(linears[:-1], linears[1:])):
-        act = acts[i] if i < len(acts) else "identity"
+        act = hidden_acts[i]
         n = getattr(model, a).out_features
         space = spec.add_space(Space(f"hidden.{i}", "hidden", n, _ffn_classes(act), layer=i))
         spec.set_axis(f"{a}.weight", 0, 2, _whole(n, (space, "out")))
@@ -204,6 +214,11 @@ def _check_vit_top(model):
                       patch_embed_norm=getattr(model.patch_embed, "norm", None))
     if getattr(model, "attn_pool", None) is not None:
         raise UnsupportedModelError("VisionTransformer attn_pool (global_pool='map') is not supported")
+    for name in ("norm", "fc_norm"):
+        module = getattr(model, name)
+        if not isinstance(module, (nn.LayerNorm, nn.Identity)):
+            raise UnsupportedModelError(f"VisionTransformer.{name} is {type(module).__name__}; glmc_mini supports "
+                                        "nn.LayerNorm")
     if not isinstance(model.norm, nn.LayerNorm) and not isinstance(model.fc_norm, nn.LayerNorm):
         raise UnsupportedModelError("VisionTransformer without a final norm: the head would read the raw "
                                     "residual stream, which has no orthogonal symmetry")
