@@ -44,13 +44,20 @@ _EXPORTS = {
     "matching": ["weight_matching", "activation_matching"],
     "learned": ["learned_matching"],
     "align": ["align", "AlignResult"],
-    "many": ["align_many", "interpolate_many", "simplex_grid"],
+    "many": ["align_many", "interpolate_many", "simplex_grid", "simplex_losses", "ManyResult"],
     "widths": ["embed_wider"],
-    "gap": ["compare_solutions"],
+    "gap": ["compare_solutions", "eigen_angles"],
     "plots": ["plot_curves", "plot_matrix", "plot_simplex"],
 }
 _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)
+
+
+# ``align`` and ``barrier`` are both modules and functions. Python binds a submodule to the
+# package attribute of the same name when it is first imported, which would shadow the lazy
+# function; importing these two here binds the functions once and for all.
+from .align import align  # noqa: E402
+from .barrier import barrier  # noqa: E402
 
 
 def __getattr__(name):

@@ -106,7 +106,7 @@ def _solve(res, spec, data, steps, seed, progress, lr):
     if res.method == "learned" and res.form == "stock":
         from .learned import learned_matching
         res.transforms, res.losses = learned_matching(A, B, data, res.transforms, steps=steps or 200,
-                                                      lr=lr or 1e-3, seed=seed, progress=progress)
+                                                      lr=lr or 1e-2, seed=seed, progress=progress)
 
 
 def _to_circuit_form(res, data, steps, seed, progress, lr):
@@ -116,7 +116,7 @@ def _to_circuit_form(res, data, steps, seed, progress, lr):
     A, B = to_circuit(res.model_a), to_circuit(res.model_b)
     if res.method == "learned":
         from .learned import learned_matching
-        T, res.losses = learned_matching(A, B, data, T, steps=steps or 200, lr=lr or 1e-3, seed=seed,
+        T, res.losses = learned_matching(A, B, data, T, steps=steps or 200, lr=lr or 1e-2, seed=seed,
                                          progress=progress)
     res.transforms, res.model_a = T, A
     res.model_b = apply_transforms(B, T)

@@ -96,6 +96,12 @@ class Projections(nn.Module):
                 out[name] = Invertible(S.detach().clone() if hard else S)
         return out
 
+    def param_groups(self, lr, lr_perm):
+        """Adam groups: permutation scores at ``lr_perm``, the rest at ``lr``."""
+        perm = [getattr(self, self._key(n)) for n in self.names if self.kinds[n] == "perm"]
+        rest = [getattr(self, self._key(n)) for n in self.names if self.kinds[n] != "perm"]
+        return [g for g in ({"params": perm, "lr": lr_perm}, {"params": rest, "lr": lr}) if g["params"]]
+
     @torch.no_grad()
     def retract(self):
         """Put each orthogonal parameter back on the group (keeps Newton-Schulz in its basin)."""
@@ -115,30 +121,50 @@ def _cycle(data):
             raise ValueError("learned matching got an empty data iterable")
 
 
-def learned_matching(model_a, model_b, data, init, steps=200, lr=1e-3, seed=0, lam_range=(0.4, 0.6),
-                     progress=True):
+def merged_loss(lossof, A, TB, lam, batch):
+    """Task loss of the merged parameters (1 - lam) A + lam T(B) on one batch (differentiable in TB)."""
+    merged = {"model." + k: (1 - lam) * A[k] + lam * TB[k] if A[k].is_floating_point() else A[k] for k in A}
+    return torch.func.functional_call(lossof, merged, (batch,))
+
+
+def learned_matching(model_a, model_b, data, init, steps=200, lr=1e-2, lr_perm=0.05, seed=0,
+                     lam_range=(0.4, 0.6), select_batches=4, progress=True):
     """Refine ``init`` (weight matching's transforms) on the loss of the merged model.
 
     Inputs: model_a, model_b of one class (canonical stock models, or circuit models); data, an
-    iterable of batches (cycled); init {space: Transform}. Only the projection parameters train.
+    iterable of batches (cycled); init {space: Transform}. Only the projection parameters train:
+    orthogonal and invertible ones with Adam at ``lr``; permutation scores start one-hot, so a
+    different assignment needs a score to move by about 1: they use ``lr_perm``.
+    Stochastic steps can wander, so the returned solution is the best, by the midpoint loss
+    (lambda = 1/2) on the first ``select_batches`` batches of ``data``, among the start and
+    the iterates checked every ``steps // 10`` steps: never worse than ``init`` on that loss.
     Returns (hard transforms {space: Transform}, list of per-step losses).
     """
     spec = build_spec(model_a)
     device = next(model_a.parameters()).device
     A = {k: v.detach() for k, v in model_a.state_dict().items()}
     B = {k: v.detach() for k, v in model_b.state_dict().items()}
-    proj = Projections({k: v for k, v in init.items()}, spec).to(device)
-    opt = torch.optim.Adam(proj.parameters(), lr=lr)
+    proj = Projections(dict(init), spec).to(device)
+    opt = torch.optim.Adam(proj.param_groups(lr, lr_perm))
     lossof, gen = _LossOf(model_a).eval(), torch.Generator().manual_seed(seed)
-    losses, batches = [], _cycle(data)
-    for _ in tqdm(range(steps), desc="learned matching", disable=not progress, leave=False):
+    held = list(itertools.islice(iter(data), select_batches))
+    best = _score(lossof, A, B, spec, proj.project(hard=True), held)
+    losses, batches, every = [], _cycle(data), max(1, steps // 10)
+    for step in tqdm(range(1, steps + 1), desc="learned matching", disable=not progress, leave=False):
         lam = lam_range[0] + (lam_range[1] - lam_range[0]) * torch.rand((), generator=gen).item()
-        TB = transform_state(B, spec, proj.project(), check=False)
-        merged = {"model." + k: (1 - lam) * A[k] + lam * TB[k] if A[k].is_floating_point() else A[k] for k in A}
-        loss = torch.func.functional_call(lossof, merged, (next(batches),))
+        loss = merged_loss(lossof, A, transform_state(B, spec, proj.project(), check=False), lam, next(batches))
         opt.zero_grad()
         loss.backward()
         opt.step()
         proj.retract()
         losses.append(loss.item())
-    return proj.project(hard=True), losses
+        if step % every == 0 or step == steps:
+            best = min(best, _score(lossof, A, B, spec, proj.project(hard=True), held), key=lambda b: b[0])
+    return best[1], losses
+
+
+@torch.no_grad()
+def _score(lossof, A, B, spec, T, held):
+    """(midpoint loss on the held batches, T)."""
+    TB = transform_state(B, spec, T, check=False)
+    return sum(merged_loss(lossof, A, TB, 0.5, b).item() for b in held) / max(1, len(held)), T

@@ -216,21 +216,31 @@ def _update_invertible(spec, space, A, B, transforms):
 
 
 def weight_matching(model_a, model_b, symmetries=("perm", "orth", "inv"), seed=0, max_iter=50,
-                    tol=1e-7, progress=False, init=None, fixed=()):
+                    tol=1e-4, patience=2, restarts=3, progress=False, init=None, fixed=()):
     """Data-free alignment of B onto A: transforms {space: Transform} with T(B) close to A.
 
-    Coordinate descent (module docstring) in a random order per sweep, seeded; stops when a
-    sweep lowers ||A - T(B)||^2 by less than ``tol`` (relative) or after ``max_iter`` sweeps.
-    ``init`` starts from given transforms; spaces in ``fixed`` keep theirs.
-    Returns (transforms, history of distances); the transforms are the best seen.
+    Coordinate descent (module docstring) in a random order per sweep. The head and per-head
+    updates are not exact minimisers of ||A - T(B)||^2, so a sweep can raise it: the loop stops
+    once the best distance has not improved by ``tol`` (relative) for ``patience`` sweeps, or
+    after ``max_iter``. Different orders reach different fixed points, so it runs ``restarts``
+    seeded orders and keeps the lowest distance (still data-free). ``init`` starts from given
+    transforms; spaces in ``fixed`` keep theirs.
+    Returns (transforms, history of distances of the kept run).
     """
     spec = build_spec(model_a)
     A, B = _state(model_a), _state(model_b)
     classes = _updatable(spec, symmetries)
-    T = {k: v for k, v in {**identity_transforms(spec), **(init or {})}.items() if k in classes}
-    rng = random.Random(seed)
+    start = {k: v for k, v in {**identity_transforms(spec), **(init or {})}.items() if k in classes}
+    runs = [_descend(spec, A, B, classes, dict(start), random.Random(seed + 1000 * r), max_iter, tol, patience,
+                     fixed, progress) for r in range(max(1, restarts))]
+    best = min(runs, key=lambda run: min(run[1]))
+    return best
+
+
+def _descend(spec, A, B, classes, T, rng, max_iter, tol, patience, fixed, progress):
+    """One coordinate-descent run; returns (best transforms, distances per sweep)."""
     history = [distance(A, transform_state(B, spec, T, check=False))]
-    best = (history[0], dict(T))
+    best, stale = (history[0], dict(T)), 0
     bar = tqdm(range(max_iter), desc="weight matching", disable=not progress, leave=False)
     for _ in bar:
         order = [s for s in classes if s not in fixed]
@@ -239,9 +249,11 @@ def weight_matching(model_a, model_b, symmetries=("perm", "orth", "inv"), seed=0
             T[space] = _update(spec, space, classes[space], A, B, T)
         history.append(distance(A, transform_state(B, spec, T, check=False)))
         bar.set_postfix(dist=f"{history[-1]:.4g}")
+        improved = history[-1] < best[0] * (1 - tol)
         if history[-1] < best[0]:
             best = (history[-1], dict(T))
-        if history[-2] - history[-1] <= tol * max(history[-2], 1e-30):
+        stale = 0 if improved else stale + 1
+        if stale >= patience:
             break
     return best[1], history
 

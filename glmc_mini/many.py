@@ -1,0 +1,186 @@
+"""Several models at once: universe matching, learned refinement, interpolation over the simplex.
+
+Two models are aligned by moving B onto A. With K models there is no privileged A, so every model
+is moved onto a common *reference* that is itself their average (shared/paper.md, "Beyond two
+models"):
+
+    universe matching    C_k = canonical(model_k);  R = C_0
+                         repeat: T_k = weight_matching(R, C_k) for every k;  R = (1/K) sum_k T_k(C_k)
+                         until the transforms stop changing.
+    learned refinement   free projection parameters per model and space (as in learned matching,
+                         model 0 fixed as the anchor); each step draws w ~ Dirichlet(c 1_K) and
+                         minimises the task loss of sum_k w_k T_k(C_k).
+
+Every aligned model computes the same function as its original; their mixtures
+``sum_k w_k theta_k`` (:func:`interpolate_many`) are stock models again, so the loss can be mapped
+over the whole simplex (:func:`simplex_grid`, :func:`simplex_losses`, ``gm.plot_simplex``).
+Introduced in chapter 5.
+"""
+import copy
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .align import _validate, check_pair
+from .barrier import _check_compatible, evaluate
+from .canonical import canonicalize
+from .spaces import build_spec
+from .symmetries import apply_transforms, transform_state
+
+
+@dataclass
+class ManyResult:
+    """What ``align_many`` found: the K models in one basin, their transforms and the reference."""
+    models: list             # canonical model k moved onto the reference (same function as model k)
+    transforms: list         # {space: Transform} per model, taking canonical model k to models[k]
+    reference: object        # the plain average of ``models`` (a stock model)
+    method: str
+    symmetries: tuple
+    seconds: float
+    history: list = field(default_factory=list)  # universe matching: largest transform change per round
+    losses: list = field(default_factory=list)   # learned refinement: mixture loss per step
+
+
+def interpolate_many(models, weights):
+    """A new model (a copy of ``models[0]``) with every float parameter and buffer sum_k w_k theta_k.
+
+    Inputs: models, K models of one class and shape; weights [K], non-negative, summing to 1
+    (else ValueError). Non-float buffers are copied from models[0]; the inputs are untouched.
+    Introduced in chapter 5.
+    """
+    models = list(models)
+    w = torch.as_tensor(weights, dtype=torch.float64).flatten()
+    if not models or w.numel() != len(models):
+        raise ValueError(f"need one weight per model: {w.numel()} weights for {len(models)} models")
+    if not torch.isfinite(w).all() or (w < 0).any():
+        raise ValueError(f"mixture weights must be non-negative, got {w.tolist()}")
+    if abs(float(w.sum()) - 1.0) > 1e-6:
+        raise ValueError(f"mixture weights must sum to 1, got {float(w.sum()):.6g}")
+    states = [m.state_dict() for m in models]
+    for model, state in zip(models[1:], states[1:]):
+        _check_compatible(models[0], model, states[0], state)
+    mixed = {}
+    for key, first in states[0].items():
+        if first.is_floating_point():
+            mixed[key] = sum(float(wk) * s[key].to(first.device, first.dtype) for wk, s in zip(w, states))
+        else:
+            mixed[key] = first.clone()
+    model = copy.deepcopy(models[0])
+    model.load_state_dict(mixed)
+    return model
+
+
+def simplex_grid(n):
+    """Barycentric points [N, 3] of a triangular grid with ``n`` points per edge, N = n (n + 1) / 2.
+
+    Rows (i, j, n - 1 - i - j) / (n - 1) for i, j >= 0: the weights of models A, B, C; corners
+    and edge midpoints (n odd) are on the grid. Introduced in chapter 5.
+    """
+    if n < 2:
+        raise ValueError(f"a simplex grid needs at least 2 points per edge, got {n}")
+    rows = [(i, j, n - 1 - i - j) for i in range(n) for j in range(n - i)]
+    return torch.tensor(rows, dtype=torch.float64).div(n - 1).float()
+
+
+def simplex_losses(models, data, n=7, progress=False):
+    """Loss of the mixture w_A A + w_B B + w_C C at every point of ``simplex_grid(n)``.
+
+    Inputs: three models of one class (aligned, e.g. ``align_many(...).models``); data as for
+    ``gm.evaluate``. Returns (points [N, 3], losses [N]) for ``gm.plot_simplex(points, losses)``.
+    """
+    if len(models) != 3:
+        raise ValueError(f"the simplex plot takes three models, got {len(models)}")
+    if iter(data) is data:
+        data = list(data)
+    points = simplex_grid(n)
+    losses = [evaluate(interpolate_many(models, w.tolist()), data)["loss"]
+              for w in tqdm(points, desc="simplex", disable=not progress, leave=False)]
+    return points, torch.tensor(losses)
+
+
+# --------------------------------------------------------------------------- universe matching
+
+def _change(old, new):
+    """The largest difference between two solutions: units changed, ||dO||_F or relative ||dA||_F."""
+    from .gap import compare_solutions
+    keys = ("changed", "fro", "rel")
+    return max((max(c[k] for k in keys if k in c) for c in compare_solutions(old, new).values()), default=0.0)
+
+
+def _universe(canon, symmetries, seed, iters, tol, progress):
+    """Universe matching on canonical models: (transforms per model, aligned models, change per round)."""
+    from .matching import weight_matching
+    K, reference = len(canon), canon[0]
+    transforms, history = [None] * K, []
+    for _ in tqdm(range(iters), desc="universe matching", disable=not progress, leave=False):
+        new = [weight_matching(reference, C, symmetries=symmetries, seed=seed + k, init=transforms[k])[0]
+               for k, C in enumerate(canon)]
+        aligned = [apply_transforms(C, T) for C, T in zip(canon, new)]
+        change = float("inf") if transforms[0] is None else max(_change(a, b) for a, b in zip(transforms, new))
+        transforms, reference = new, interpolate_many(aligned, [1.0 / K] * K)
+        history.append(change)
+        if change <= tol:
+            break
+    return transforms, aligned, history
+
+
+# --------------------------------------------------------------------------- learned refinement
+
+def _learned_many(canon, init, data, steps, lr, seed, concentration, progress):
+    """Refine transforms 1..K-1 (model 0 is the anchor) on the loss of Dirichlet mixtures."""
+    from .learned import Projections, _LossOf, _cycle
+    K, spec = len(canon), build_spec(canon[0])
+    device = next(canon[0].parameters()).device
+    states = [{k: v.detach() for k, v in C.state_dict().items()} for C in canon]
+    anchor = transform_state(states[0], spec, init[0], check=False)
+    projs = [Projections(init[k], spec).to(device) for k in range(1, K)]
+    opt = torch.optim.Adam([p for proj in projs for p in proj.parameters()], lr=lr)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        W = torch.distributions.Dirichlet(concentration * torch.ones(K)).sample((steps,))  # [steps, K]
+    lossof, batches, losses = _LossOf(canon[0]).eval(), _cycle(data), []
+    for w in tqdm(W.tolist(), desc="learned universe", disable=not progress, leave=False):
+        moved = [anchor] + [transform_state(states[k], spec, projs[k - 1].project(), check=False)
+                            for k in range(1, K)]
+        merged = {"model." + key: sum(wk * m[key] for wk, m in zip(w, moved)) if x.is_floating_point() else x
+                  for key, x in states[0].items()}
+        loss = torch.func.functional_call(lossof, merged, (next(batches),))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        for proj in projs:
+            proj.retract()
+        losses.append(loss.item())
+    return [init[0]] + [proj.project(hard=True) for proj in projs], losses
+
+
+def align_many(models, method="weight", symmetries=("perm", "orth", "inv"), data=None, steps=None, seed=0,
+               iters=5, concentration=1.0, progress=True, lr=None, tol=1e-4):
+    """Bring K >= 2 models into one basin: universe matching, optionally refined by learned matching.
+
+    Inputs: models of one architecture (stock MLP / timm ViT / HF GPT-2), untouched; method
+    "weight" (universe matching) or "learned" (then ``steps`` of Dirichlet-mixture refinement on
+    ``data``, default 200, learning rate ``lr``, default 1e-2, Dirichlet ``concentration``);
+    iters, universe rounds (stops early once no transform changes by more than ``tol``).
+    Returns a :class:`ManyResult`. Introduced in chapter 5.
+    """
+    if method not in ("weight", "learned"):
+        raise ValueError(f"unknown method {method!r} for several models; choose 'weight' or 'learned'")
+    symmetries = _validate(method, symmetries, data, "stock")
+    if len(models) < 2:
+        raise ValueError(f"align_many needs at least two models, got {len(models)}")
+    for model in models[1:]:
+        check_pair(models[0], model)
+    start = time.perf_counter()
+    canon = [canonicalize(m) for m in models]
+    transforms, aligned, history = _universe(canon, symmetries, seed, iters, tol, progress)
+    losses = []
+    if method == "learned":
+        transforms, losses = _learned_many(canon, transforms, data, steps or 200, lr or 1e-2, seed,
+                                           concentration, progress)
+        aligned = [apply_transforms(C, T) for C, T in zip(canon, transforms)]
+    reference = interpolate_many(aligned, [1.0 / len(aligned)] * len(aligned))
+    return ManyResult(aligned, transforms, reference, method, symmetries, time.perf_counter() - start,
+                      history, losses)
