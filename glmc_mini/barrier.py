@@ -7,12 +7,10 @@ For parameters a, b and lambda on a grid in [0, 1]:
 and, for classifiers, the accuracy barrier max_lambda [ (1 - lambda) acc(a) + lambda acc(b) - acc(lambda) ].
 """
 import copy
-import sys
-import types
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .models import batch_loss, model_kind
 
@@ -120,15 +118,3 @@ def barrier(model_a, model_b, data, num_points=11, progress=False):
     accs = [r["acc"] for r in results] if results[0]["acc"] is not None else None
     barrier_acc = barrier_of(lambdas, [-a for a in accs]) if accs else None
     return BarrierCurve(lambdas, losses, accs, barrier_of(lambdas, losses), barrier_acc, losses[0], losses[-1])
-
-
-class _CallableModule(types.ModuleType):
-    """Lets ``gm.barrier(...)`` work even when Python's import system has bound the package
-    attribute ``glmc_mini.barrier`` to this module (it does so whenever the module is first
-    imported by another route, e.g. ``gm.evaluate``): calling the module calls ``barrier``."""
-
-    def __call__(self, *args, **kwargs):
-        return barrier(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

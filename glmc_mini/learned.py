@@ -20,7 +20,7 @@ import itertools
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .matching import assignment, polar
 from .models import batch_loss, model_kind

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .align import _validate, check_pair
 from .barrier import _check_compatible, evaluate

@@ -24,7 +24,7 @@ import random
 
 import torch
 from scipy.optimize import linear_sum_assignment
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .spaces import build_spec
 from .symmetries import (Invertible, Orthogonal, Permutation, SemiPermutation, identity_transforms,
@@ -152,7 +152,7 @@ def _updatable(spec, symmetries):
 
 def distance(A, B):
     """sum_p ||A_p - B_p||^2 over the float parameters both hold."""
-    return sum(float((A[k].double() - B[k].double()).pow(2).sum()) for k in A
+    return sum(float((A[k] - B[k].to(A[k].dtype)).float().pow(2).sum()) for k in A
                if A[k].is_floating_point() and k in B)
 
 

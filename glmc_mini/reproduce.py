@@ -15,7 +15,7 @@ returns / writes ``{task: {method: {"barrier", "barrier_std", "barrier_stock", "
 import json
 import statistics
 
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 DEFAULT_TASKS = ("mlp-digits", "vit-digits", "gpt-pydoc")
 PAPER_TASKS = ("vit-cifar10", "gpt-shakespeare")

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .models import batch_loss, build_model, model_kind
 
