@@ -60,8 +60,8 @@ def _mlp(act):
     base = dict(family="mlp", dataset="digits", batch_size=64, lr=3e-3, weight_decay=0.0, warmup=0.05)
     model = lambda h: dict(in_features=64, hidden=[h, h], num_classes=10, act=act)
     return {
-        "quick":    dict(base, model=model(64), epochs=60, seconds=3),
-        "standard": dict(base, model=model(128), epochs=100, seconds=8),
+        "quick":    dict(base, model=model(64), epochs=60, seconds=2),
+        "standard": dict(base, model=model(128), epochs=200, seconds=7),
         "paper":    dict(base, model=model(512), epochs=100, seconds=30),
     }
 
