@@ -1,5 +1,6 @@
 """Solvers recover planted transformations; gm.align keeps B's function, checks its arguments and
-leaves its inputs untouched. Tiny models built directly (fast, no training cache)."""
+leaves its inputs untouched. Tiny models built directly (fast, no training cache); tests/conftest.py
+runs them on one thread."""
 import copy
 
 import pytest
@@ -11,16 +12,6 @@ from glmc_mini.matching import activation_matching, weight_matching
 from glmc_mini.models import forward_logits
 from glmc_mini.spaces import build_spec
 from glmc_mini.symmetries import Orthogonal, Permutation, apply_transforms, invert_transforms, random_transforms
-
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: intra-op threads only cost time (a lot on a shared, oversubscribed machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 CLASS_SETS = [("perm",), ("perm", "orth"), ("perm", "orth", "inv")]

@@ -12,14 +12,6 @@ from glmc_mini.spaces import build_spec
 from glmc_mini.symmetries import apply_transforms, random_transforms
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def vit(seed=0):
     from timm.models.vision_transformer import VisionTransformer
     torch.manual_seed(seed)

@@ -12,14 +12,6 @@ from glmc_mini.models import forward_logits
 from glmc_mini.widths import embed_wider
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _randomise_norms(model):
     with torch.no_grad():
         for m in model.modules():
