@@ -5,9 +5,11 @@
 Canonicalizes both models, times ``gm.align(method="weight")`` (seconds, sweeps), measures peak
 memory (CUDA: max_memory_allocated; CPU: growth of the process's max RSS) and checks that B's
 function is preserved (max relative logit difference of the aligned B against B). Device: CUDA
-when available, else CPU.
+when available, else CPU. Prints the load average before and after: other jobs on the machine
+slow a CPU run down (record it with the figures).
 """
 import argparse
+import os
 import resource
 import sys
 import time
@@ -60,6 +62,7 @@ def main():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
+    load0 = os.getloadavg()
     rss0 = rss_mib()
     res = gm.align(A, B, method="weight", progress=True)
     if device.type == "cuda":
@@ -75,6 +78,8 @@ def main():
           f"||A - T(B)||^2 {res.history[0]:.4g} -> {res.history[-1]:.4g}")
     print(f"peak extra memory: {peak:.0f} MiB = {peak / model_mib:.2f} x one model ({model_mib:.0f} MiB)")
     print(f"B's function preserved: max relative logit difference {rel:.2e}")
+    print("load average (1, 5, 15 min): before " + " ".join(f"{x:.2f}" for x in load0) +
+          ", after " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
     return 0 if rel < 1e-3 else 1
 
 

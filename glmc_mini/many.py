@@ -9,7 +9,8 @@ models"):
                          until the transforms stop changing.
     learned refinement   free projection parameters per model and space (as in learned matching,
                          model 0 fixed as the anchor); each step draws w ~ Dirichlet(c 1_K) and
-                         minimises the task loss of sum_k w_k T_k(C_k).
+                         minimises the task loss of sum_k w_k T_k(C_k); keeps the best iterate by
+                         the loss at the centre (w = 1/K) on a few batches.
 
 Every aligned model computes the same function as its original; their mixtures
 ``sum_k w_k theta_k`` (:func:`interpolate_many`) are stock models again, so the loss can be mapped
@@ -128,41 +129,63 @@ def _universe(canon, symmetries, seed, iters, tol, progress):
 
 # --------------------------------------------------------------------------- learned refinement
 
-def _learned_many(canon, init, data, steps, lr, seed, concentration, progress):
-    """Refine transforms 1..K-1 (model 0 is the anchor) on the loss of Dirichlet mixtures."""
+def _learned_many(canon, init, data, steps, lr, lr_perm, seed, concentration, select_batches, progress):
+    """Refine transforms 1..K-1 (model 0 is the anchor) on the loss of Dirichlet mixtures.
+
+    As in two-model learned matching, permutation scores get their own learning rate ``lr_perm``
+    and the returned solution is the best, by the loss of the equal-weight mixture (the simplex
+    centre) on the first ``select_batches`` batches of ``data``, among the start and the iterates
+    checked every ``steps // 10`` steps: never worse than universe matching on that loss.
+    """
+    import itertools
     from .learned import Projections, _LossOf, _cycle
     K, spec = len(canon), build_spec(canon[0])
     device = next(canon[0].parameters()).device
     states = [{k: v.detach() for k, v in C.state_dict().items()} for C in canon]
     anchor = transform_state(states[0], spec, init[0], check=False)
     projs = [Projections(init[k], spec).to(device) for k in range(1, K)]
-    opt = torch.optim.Adam([p for proj in projs for p in proj.parameters()], lr=lr)
+    opt = torch.optim.Adam([g for proj in projs for g in proj.param_groups(lr, lr_perm)])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         W = torch.distributions.Dirichlet(concentration * torch.ones(K)).sample((steps,))  # [steps, K]
     lossof, batches, losses = _LossOf(canon[0]).eval(), _cycle(data), []
-    for w in tqdm(W.tolist(), desc="learned universe", disable=not progress, leave=False):
-        moved = [anchor] + [transform_state(states[k], spec, projs[k - 1].project(), check=False)
-                            for k in range(1, K)]
+    held = list(itertools.islice(iter(data), select_batches))
+
+    def mixture_loss(w, transforms, batch):
+        moved = [anchor] + [transform_state(states[k], spec, transforms[k - 1], check=False) for k in range(1, K)]
         merged = {"model." + key: sum(wk * m[key] for wk, m in zip(w, moved)) if x.is_floating_point() else x
                   for key, x in states[0].items()}
-        loss = torch.func.functional_call(lossof, merged, (next(batches),))
+        return torch.func.functional_call(lossof, merged, (batch,))
+
+    @torch.no_grad()
+    def score():
+        hard = [proj.project(hard=True) for proj in projs]
+        centre = [1.0 / K] * K
+        return sum(mixture_loss(centre, hard, b).item() for b in held) / max(1, len(held)), hard
+
+    best, every = score(), max(1, steps // 10)
+    for step, w in enumerate(tqdm(W.tolist(), desc="learned universe", disable=not progress, leave=False), 1):
+        loss = mixture_loss(w, [proj.project() for proj in projs], next(batches))
         opt.zero_grad()
         loss.backward()
         opt.step()
         for proj in projs:
             proj.retract()
         losses.append(loss.item())
-    return [init[0]] + [proj.project(hard=True) for proj in projs], losses
+        if step % every == 0 or step == steps:
+            best = min(best, score(), key=lambda b: b[0])
+    return [init[0]] + best[1], losses
 
 
 def align_many(models, method="weight", symmetries=("perm", "orth", "inv"), data=None, steps=None, seed=0,
-               iters=5, concentration=1.0, progress=True, lr=None, tol=1e-4):
+               iters=5, concentration=1.0, progress=True, lr=None, lr_perm=0.05, tol=1e-4, select_batches=4):
     """Bring K >= 2 models into one basin: universe matching, optionally refined by learned matching.
 
     Inputs: models of one architecture (stock MLP / timm ViT / HF GPT-2), untouched; method
     "weight" (universe matching) or "learned" (then ``steps`` of Dirichlet-mixture refinement on
-    ``data``, default 200, learning rate ``lr``, default 1e-2, Dirichlet ``concentration``);
+    ``data``, default 200, learning rate ``lr``, default 1e-2, ``lr_perm`` for permutation scores,
+    Dirichlet ``concentration``; the best iterate by the centre loss on ``select_batches`` batches
+    is kept);
     iters, universe rounds (stops early once no transform changes by more than ``tol``).
     Returns a :class:`ManyResult`. Introduced in chapter 5.
     """
@@ -178,8 +201,8 @@ def align_many(models, method="weight", symmetries=("perm", "orth", "inv"), data
     transforms, aligned, history = _universe(canon, symmetries, seed, iters, tol, progress)
     losses = []
     if method == "learned":
-        transforms, losses = _learned_many(canon, transforms, data, steps or 200, lr or 1e-2, seed,
-                                           concentration, progress)
+        transforms, losses = _learned_many(canon, transforms, data, steps or 200, lr or 1e-2, lr_perm, seed,
+                                           concentration, select_batches, progress)
         aligned = [apply_transforms(C, T) for C, T in zip(canon, transforms)]
     reference = interpolate_many(aligned, [1.0 / len(aligned)] * len(aligned))
     return ManyResult(aligned, transforms, reference, method, symmetries, time.perf_counter() - start,

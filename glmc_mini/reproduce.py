@@ -29,7 +29,7 @@ METHODS = {
 }
 LABELS = {"vanilla": "vanilla averaging", "activation": "activation matching", "weight": "weight matching",
           "learned_perm": "learned, permutations only", "learned": "learned, all classes"}
-LEARNED_STEPS = {"quick": 100, "standard": 300, "paper": 1000}
+LEARNED_STEPS = {"quick": 200, "standard": 300, "paper": 1000}
 # test examples (images) / token windows used for the barrier, per profile (None: the whole split)
 TEST_LIMIT = {"quick": (1024, 64), "standard": (4096, 256), "paper": (None, None)}
 

@@ -222,7 +222,11 @@ def _check_vit_top(model):
     if not isinstance(model.norm, nn.LayerNorm) and not isinstance(model.fc_norm, nn.LayerNorm):
         raise UnsupportedModelError("VisionTransformer without a final norm: the head would read the raw "
                                     "residual stream, which has no orthogonal symmetry")
-    if not isinstance(model.head, (nn.Linear, nn.Identity)):
+    if isinstance(model.head, nn.Identity):
+        raise UnsupportedModelError("VisionTransformer without a head (num_classes=0): its output is the "
+                                    "residual stream itself, so no transform of that stream keeps the function "
+                                    "and the final norm has no reader to fold its gain into; give it a Linear head")
+    if not isinstance(model.head, nn.Linear):
         raise UnsupportedModelError(f"VisionTransformer head {type(model.head).__name__}: only nn.Linear")
 
 

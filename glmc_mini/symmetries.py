@@ -5,6 +5,7 @@ exposes two matrices that act *along a parameter axis*:
 
     out_matrix  T      [m, n]   axes that carry a vector of the space:        v -> T v
     in_matrix   T^+^T  [m, n]   axes read against it, with in^T out = I_n:    W -> W T^+
+                                (rectangular Orthogonal: sqrt(m/n) I_n, see 3.)
 
 For a square invertible T, ``in = T^-T``; for a permutation or orthogonal map, ``in = out``.
 The classes are nested, S1 ⊂ S2 ⊂ S3 ⊂ S4 (shared/paper.md):
@@ -17,12 +18,15 @@ The classes are nested, S1 ⊂ S2 ⊂ S3 ⊂ S4 (shared/paper.md):
 3. :class:`Orthogonal`: ``O`` with orthonormal columns. On the residual stream it must fix the
    all-ones direction, so that it commutes with LayerNorm's centring: LayerNorm(O x) = O LayerNorm(x)
    once the norm's gain is 1 (see ``canonical``). A rectangular O (m > n) embeds a narrower
-   stream; writers then carry ``sqrt(m/n) O`` so that the per-coordinate RMS is unchanged.
+   stream; writers then carry ``sqrt(m/n) O`` so that the per-coordinate RMS is unchanged, and
+   readers O, so for this class alone in^T out = sqrt(m/n) I_n: the reader sees the stream scaled
+   by sqrt(m/n), which the LayerNorm in front of every reader removes.
 4. :class:`Invertible`: one invertible map per head (block-diagonal): the query gets A and the key
    A^-T (so q^T k is unchanged), the value gets B and the output projection B^-1.
 
 Introduced in chapter 1 (permutations), extended in chapters 2-4.
 """
+import contextlib
 import copy
 import math
 
@@ -33,6 +37,19 @@ from .spaces import build_spec, UnsupportedModelError
 
 def _move(x, dim):
     return x.movedim(dim, 0)
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Run small factorizations (per-head inverses, SVDs) on one CPU thread. They gain nothing from
+    torch's intra-op threads, and on a busy machine lose 100x or more to them (the threads wait on
+    each other at every LAPACK step: an SVD of 767 x 767 took 15 s on two threads, 0.14 s on one)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 class Transform:
@@ -227,7 +244,8 @@ class SemiPermutation(Transform):
 
 
 class Orthogonal(Transform):
-    """``O`` [m, n] with orthonormal columns (m >= n). Writers carry ``sqrt(m/n) O`` (RMS kept)."""
+    """``O`` [m, n] with orthonormal columns (m >= n). Writers carry ``sqrt(m/n) O`` (RMS kept),
+    readers ``O``: in^T out = sqrt(m/n) I_n, undone by the LayerNorm in front of each reader."""
     cls = "orth"
 
     def __init__(self, O):
@@ -309,7 +327,8 @@ class Invertible(Transform):
 
     def inv_t(self):
         """A^-T per block, computed in float64."""
-        return torch.linalg.inv(self.A.double()).transpose(-1, -2).to(self.A.dtype)
+        with single_thread():
+            return torch.linalg.inv(self.A.double()).transpose(-1, -2).to(self.A.dtype)
 
     def apply(self, x, dim, role, unit=1, blocks=1):
         if role == "norm":

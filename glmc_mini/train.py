@@ -60,7 +60,9 @@ def train_model(model, task_data, config, seed, device=None, progress=True):
     """Train ``model`` in place on ``task_data.train``: AdamW, warmup + cosine, grad clip 1.0.
 
     Loss: cross-entropy; for language models logits[:, :-1] against x[:, 1:]. Data order and
-    augmentation are seeded by ``seed``, so the same seed gives identical weights on CPU.
+    augmentation are seeded by ``seed``, so the same seed gives identical weights on CPU with the
+    same number of torch threads (float sums are split differently across thread counts, so
+    weights trained with 1 and with 2 threads differ slightly; the cache key does not include it).
     ``device``: defaults to the model's device. Returns the model (train mode).
     Introduced in chapter 0.
     """
@@ -68,6 +70,9 @@ def train_model(model, task_data, config, seed, device=None, progress=True):
     model.to(device).train()
     kind = model_kind(model)
     loader = task_data.loader("train", config.batch_size, shuffle=True, seed=seed, drop_last=True)
+    if len(loader) == 0:
+        raise ValueError(f"the training split of {config.task!r} has fewer than batch_size={config.batch_size} "
+                         "examples: nothing to train on (use a smaller batch size or more data)")
     total = config.steps or config.epochs * len(loader)
     optimizer = _optimizer(model, config)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, config.warmup))

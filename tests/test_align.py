@@ -167,3 +167,124 @@ def test_bad_pairs():
         gm.align(mlp(0), vit(0))
     with pytest.raises(ValueError, match="incompatible shapes"):
         gm.align(mlp(0, hidden=16), mlp(1, hidden=24))
+
+
+# --------------------------------------------------------------------------- weight matching internals
+
+@pytest.mark.parametrize("family", ["vit", "gpt2"])
+def test_weight_matching_history_is_the_distance(family):
+    """The cached distances (residual-only parameters by ||A||^2 + ||B||^2 - 2 <K, O>) equal
+    ||A - T(B)||^2 computed directly on the moved model."""
+    from glmc_mini.matching import distance
+    A, B = gm.canonicalize(BUILD[family](0)), gm.canonicalize(BUILD[family](1))
+    T, history = weight_matching(A, B, seed=0)
+    direct = distance(A.state_dict(), apply_transforms(B, T).state_dict())
+    assert min(history) == pytest.approx(direct, rel=1e-5)
+
+
+def test_weight_matching_probe_keeps_the_best_of_full_runs():
+    """With probe >= max_iter every restart runs to its stopping rule and the lowest distance wins."""
+    A, B = gm.canonicalize(vit(0)), gm.canonicalize(vit(1))
+    singles = [min(weight_matching(A, B, seed=1000 * r, restarts=1)[1]) for r in range(3)]
+    _, history = weight_matching(A, B, seed=0, restarts=3, probe=50)
+    assert min(history) == pytest.approx(min(singles), rel=1e-9)
+
+
+@pytest.mark.parametrize("n, seed", [(1500, 0), (2000, 1), (1800, 2)])
+def test_sparse_assignment_reaches_the_dense_optimum(n, seed):
+    """Above SPARSE_FROM units the candidate-graph solver is used; on random and low-rank-plus-noise
+    matrices it finds the dense solver's optimum, and it never returns worse than ``current``."""
+    from scipy.optimize import linear_sum_assignment
+    from glmc_mini.matching import SPARSE_FROM, assignment
+    assert n > SPARSE_FROM
+    g = torch.Generator().manual_seed(seed)
+    C = torch.randn(n, n, generator=g)
+    if seed == 2:
+        C = torch.randn(n, 64, generator=g) @ torch.randn(64, n, generator=g) / 8 + 0.3 * C
+    rows = torch.arange(n)
+    _, best = linear_sum_assignment(C.double().numpy(), maximize=True)
+    optimum = float(C.double()[rows, best].sum())
+    got = float(C.double()[rows, assignment(C).perm].sum())
+    assert got == pytest.approx(optimum, rel=1e-12)
+    current = torch.as_tensor(best)  # already optimal: must be kept (or an equal one returned)
+    assert float(C.double()[rows, assignment(C, current=current).perm].sum()) >= optimum - 1e-9
+
+
+def test_sparse_assignment_recovers_a_planted_permutation():
+    from glmc_mini.matching import assignment
+    n = 3072
+    g = torch.Generator().manual_seed(0)
+    P = torch.randperm(n, generator=g)
+    C = torch.randn(n, n, generator=g)
+    C[torch.arange(n), P] += 6.0  # a noisy planted permutation, above the threshold where it is the optimum
+    assert torch.equal(assignment(C).perm, P)
+
+
+@pytest.mark.parametrize("family", ["vit", "gpt2"])
+def test_cached_updates_match_a_direct_recomputation(family):
+    """Every update of the cached solver (B rotated once per residual map, incremental FFN parts,
+    B's head balancing, memo) equals the plain formula recomputed from scratch, mid-descent."""
+    import random
+    from glmc_mini import matching as m
+    from glmc_mini.symmetries import transform_state
+    A, B = gm.canonicalize(BUILD[family](0)), gm.canonicalize(BUILD[family](1))
+    spec, a, b = build_spec(A), m._state(A), m._state(B)
+    classes = m._updatable(spec, ("perm", "orth", "inv"))
+    start = {k: v for k, v in gm.identity_transforms(spec).items() if k in classes}
+    problem = m._Problem(spec, a, b, start, list(classes))
+    run = m._Run(problem, classes, list(classes), dict(start), random.Random(0), problem.distance(start))
+    run.sweeps(2, 0.0, 10, False)
+    T = run.T
+    others = lambda *skip: {k: v for k, v in T.items() if k not in skip}
+    for space, cls in classes.items():
+        got = problem.update(space, cls, T)
+        params = {p: b[p] for p in spec.params_of(space)}
+        kind, l = spec.spaces[space].kind, spec.spaces[space].layer
+        if kind == "heads":
+            Bp = transform_state(params, spec, {"residual": T["residual"]}, check=False)
+            qa, oa = m.circuits(m.head_factors(spec, a, l))
+            qb, ob = m.circuits(m.head_factors(spec, Bp, l))
+            want = m.assignment(qa.flatten(1) @ qb.flatten(1).T + oa.flatten(1) @ ob.flatten(1).T)
+        elif cls == "inv":
+            heads = f"heads.{l}"
+            Bp = transform_state({p: b[p] for p in spec.params_of(heads)}, spec,
+                                 {"residual": T["residual"], heads: T[heads]}, check=False)
+            x, y = ("q", "k") if kind == "qk" else ("v", "o")
+            fa, fb = m.head_factors(spec, a, l), m.head_factors(spec, Bp, l)
+            G = m.match_factors(*(t.double() for t in (fa[x], fa[y], fb[x], fb[y])))
+            blocks = torch.empty_like(G)
+            blocks[T[heads].perm] = G.transpose(1, 2)
+            assert torch.allclose(got.A.double(), blocks, atol=1e-4), space
+            continue
+        else:
+            C = m.cross(spec, space, a, transform_state(params, spec, others(space), check=False))
+            want = m.procrustes_fixing_ones(C) if cls == "orth" else m.assignment(C)
+        if cls == "orth":
+            assert torch.allclose(got.O, want.O, atol=1e-5), space
+        else:
+            assert torch.equal(got.perm, want.perm), space
+    assert problem.distance(T) == pytest.approx(m.distance(a, transform_state(b, spec, T, check=False)), rel=1e-6)
+    p, (space, _, _) = next(iter(problem.swappable.items()))  # an FFN weight's residual part, updated in place
+    problem._swap_part(p, T)
+    perm = T[space].perm.clone()
+    perm[[0, 1]] = perm[[1, 0]]
+    moved = dict(T, **{space: Permutation(perm)})
+    want = m.cross(spec, "residual", a, transform_state({p: b[p]}, spec, {space: moved[space]}, check=False), params=[p])
+    assert torch.allclose(problem._swap_part(p, moved), want, atol=1e-5)
+
+
+def test_weight_matching_effort_by_size():
+    """Below LARGE parameters every restart runs to the end (tol 1e-4); from LARGE up, one probe sweep, tol 2e-4."""
+    from glmc_mini.matching import LARGE, _effort
+    small, large = {"w": torch.zeros(10)}, {"w": torch.zeros(LARGE)}
+    assert _effort(small, None, None, 50) == (1e-4, 50)
+    assert _effort(large, None, None, 50) == (2e-4, 1)
+    assert _effort(large, 1e-3, 3, 50) == (1e-3, 3)
+
+
+def test_weight_matching_probe_continues_the_best_first_sweep():
+    A, B = gm.canonicalize(vit(0)), gm.canonicalize(vit(1))
+    firsts = [weight_matching(A, B, seed=1000 * r, restarts=1, max_iter=1)[1] for r in range(3)]
+    leader = min(range(3), key=lambda r: min(firsts[r]))
+    _, history = weight_matching(A, B, seed=0, restarts=3, probe=1)
+    assert history[:2] == pytest.approx(firsts[leader], rel=1e-9)

@@ -155,6 +155,12 @@ def test_vit_without_a_head_is_refused():
         gm.canonicalize(model)
 
 
+def test_spaces_of_a_vit_without_a_head_are_refused():
+    """A headless ViT outputs the residual stream: not even a residual permutation keeps its function."""
+    with pytest.raises(UnsupportedModelError, match=re.escape("without a head (num_classes=0)")):
+        gm.build_spec(_timm_vit(num_classes=0))
+
+
 def test_canonicalize_rejects_unsupported_models_by_name():
     from timm.models.vision_transformer import ResPostBlock
     for model, name in [(nn.Conv2d(3, 4, 3), "Conv2d"), (_timm_vit(qk_norm=True), "q_norm"),

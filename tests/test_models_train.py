@@ -136,3 +136,9 @@ def test_cache_with_mismatched_json_retrains(monkeypatch, tmp_path):
     monkeypatch.setattr(gt, "train_model", lambda *a, **k: calls.append(1) or real(*a, **k))
     again = gm.get_trained(config, seed=0, device="cpu", progress=False)
     assert calls == [1] and same_weights(first, again)  # retrained, deterministically the same
+
+
+def test_training_split_smaller_than_a_batch_is_a_clear_error():
+    config = replace(tiny("mlp-digits"), batch_size=100_000)
+    with pytest.raises(ValueError, match="fewer than batch_size=100000"):
+        gm.train_model(gm.build_model(config, 0), gm.load_task(config), config, 0, progress=False)

@@ -10,22 +10,14 @@ import torch.nn as nn
 import glmc_mini as gm
 from glmc_mini.models import forward_logits
 from glmc_mini.widths import embed_wider
-
-
-def _randomise_norms(model):
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.LayerNorm):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.1)
-    return model.eval()
+from test_align import _randomise_norms  # tests/ is on sys.path (pytest's rootdir-relative import)
 
 
 def vit(width=16, seed=0, pool="token", depth=1, heads=2):
     from timm.models.vision_transformer import VisionTransformer
     torch.manual_seed(seed)
     return _randomise_norms(VisionTransformer(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=width,
-                                              depth=depth, num_heads=heads, mlp_ratio=2, global_pool=pool))
+                                              depth=depth, num_heads=heads, mlp_ratio=2, global_pool=pool)).eval()
 
 
 def gpt(width=16, seed=0, depth=1, heads=2):
@@ -33,7 +25,7 @@ def gpt(width=16, seed=0, depth=1, heads=2):
     torch.manual_seed(seed)
     cfg = GPT2Config(vocab_size=32, n_positions=16, n_embd=width, n_layer=depth, n_head=heads, resid_pdrop=0.0,
                      embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None, eos_token_id=None)
-    return _randomise_norms(GPT2LMHeadModel(cfg))
+    return _randomise_norms(GPT2LMHeadModel(cfg)).eval()
 
 
 def inputs(family, seed=0):
