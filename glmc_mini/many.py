@@ -18,6 +18,7 @@ over the whole simplex (:func:`simplex_grid`, :func:`simplex_losses`, ``gm.plot_
 Introduced in chapter 5.
 """
 import copy
+import itertools
 import time
 from dataclasses import dataclass, field
 
@@ -137,7 +138,6 @@ def _learned_many(canon, init, data, steps, lr, lr_perm, seed, concentration, se
     centre) on the first ``select_batches`` batches of ``data``, among the start and the iterates
     checked every ``steps // 10`` steps: never worse than universe matching on that loss.
     """
-    import itertools
     from .learned import Projections, _LossOf, _cycle
     K, spec = len(canon), build_spec(canon[0])
     device = next(canon[0].parameters()).device

@@ -346,7 +346,7 @@ class _Problem:
         """Do only ``space`` and the residual move its parameters, the residual through :meth:`_swap_part`?
         Then their distance follows from <A_p, T(B)_p>, known after either update (:meth:`update`)."""
         names = self.params[space]
-        on = lambda p: {s for ax in self.spec.axes[p] if ax for seg in ax for s, _ in seg.chain} & set(start)
+        on = lambda p: self.spec.spaces_on(p) & set(start)
         return (self.res in self.moving and bool(names) and all(on(p) <= {space, self.res} for p in names)
                 and all(p in self.swappable or self.res not in on(p) for p in names))
 
@@ -358,7 +358,7 @@ class _Problem:
         elif kind in ("qk", "ov"):
             read = {"residual", f"heads.{layer}"}
         else:
-            read = {s for p in self.params[space] for ax in self.spec.axes[p] if ax for seg in ax for s, _ in seg.chain}
+            read = set().union(*(self.spec.spaces_on(p) for p in self.params[space]))
         return tuple(sorted(s for s in read if s in start and s != space))
 
     def _prepare(self, start):
@@ -367,7 +367,7 @@ class _Problem:
         for p in A:
             if not A[p].is_floating_point() or p not in B:
                 continue
-            on = {s for ax in spec.axes.get(p, ()) if ax for seg in ax for s, _ in seg.chain} & set(start)
+            on = spec.spaces_on(p) & set(start)
             if not on & self.moving:  # nothing moves it: its distance is a constant
                 self.const += distance({p: A[p]}, transform_state({p: B[p]}, spec, start, check=False))
             elif res in self.moving and on & self.moving == {res}:

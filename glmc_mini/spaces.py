@@ -69,10 +69,13 @@ class Spec:
         entry[dim] = tuple(segments)
         self.axes[param] = tuple(entry)
 
+    def spaces_on(self, param):
+        """Names of the spaces that act on some axis of ``param`` (empty if none does)."""
+        return {s for ax in self.axes.get(param, ()) if ax for seg in ax for s, _ in seg.chain}
+
     def params_of(self, space):
         """Parameter names with an axis on which ``space`` acts."""
-        return [p for p, axes in self.axes.items()
-                if any(ax and any(s == space for seg in ax for s, _ in seg.chain) for ax in axes)]
+        return [p for p in self.axes if space in self.spaces_on(p)]
 
     def of_kind(self, kind):
         return [n for n, s in self.spaces.items() if s.kind == kind]
