@@ -30,10 +30,10 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "profiles": ["PROFILE", "get_profile", "task_config", "TaskConfig", "TASKS", "describe_profile"],
-    "device": ["get_device", "seed_everything"],
+    "device": ["get_device", "seed_everything", "to_model_device"],
     "data": ["load_task", "TaskData", "digits", "pydoc_text", "cifar10", "tiny_shakespeare"],
     "models": ["build_model", "model_family", "forward_logits"],
-    "train": ["train_model", "get_trained", "cache_dir", "checkpoint_key"],
+    "train": ["train_model", "get_trained", "cache_dir", "checkpoint_key", "seed_offset"],
     "barrier": ["interpolate", "evaluate", "barrier", "BarrierCurve"],
     "spaces": ["Spec", "Space", "Segment", "build_spec", "UnsupportedModelError"],
     "symmetries": ["Permutation", "SemiPermutation", "Orthogonal", "Invertible", "Transform",

@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, field
 
 from .canonical import canonicalize
+from .checks import (check_batch, check_data, choice, first_batch, optional_positive_int, real, seed_value,
+                     check_pair as _check_pair)
 from .spaces import build_spec
 from .symmetries import apply_transforms
 
@@ -38,34 +40,49 @@ class AlignResult:
     losses: list = field(default_factory=list)    # learned matching: merged loss per step
 
 
-def _validate(method, symmetries, data, form):
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+def _validate(method, symmetries, data, form, steps=None, seed=0, lr=None):
+    """The arguments of ``align`` checked up front; returns the symmetry classes as a tuple."""
+    choice(method, "method", METHODS)
+    choice(form, "form", FORMS)
+    if symmetries is None:
+        raise ValueError(f"symmetries=None: give one or more symmetry classes from {CLASSES}")
     if isinstance(symmetries, str):
         symmetries = (symmetries,)
-    unknown = [s for s in symmetries if s not in CLASSES]
+    try:
+        symmetries = tuple(symmetries)
+    except TypeError:
+        raise TypeError(f"symmetries must be a class name or a sequence of them from {CLASSES}, got "
+                        f"{type(symmetries).__name__}") from None
+    unknown = [s for s in symmetries if not isinstance(s, str) or s not in CLASSES]
     if unknown or not symmetries:
         raise ValueError(f"unknown symmetry class {unknown or '(none given)'}; choose from {CLASSES}")
     if method in ("activation", "learned") and data is None:
         raise ValueError(f"method={method!r} needs data: an iterable of batches, e.g. a DataLoader")
-    if form not in FORMS:
-        raise ValueError(f"unknown form {form!r}; choose 'stock' or 'circuit'")
-    return tuple(symmetries)
+    check_data(data)
+    optional_positive_int(steps, "steps")
+    seed_value(seed)
+    if lr is not None:
+        real(lr, "lr", low=0.0, open_low=True)
+    return symmetries
 
 
 def check_pair(model_a, model_b):
-    """ValueError naming the first difference if A and B are not the same architecture."""
+    """Both models supported and valid, and one architecture (``checks.check_pair``: configuration,
+    modules, shapes, tying aside, device, dtype, finite values); ValueError / UnsupportedModelError
+    naming the first problem. Returns model_a's spec."""
     spec_a, spec_b = build_spec(model_a), build_spec(model_b)
     if spec_a.family != spec_b.family:
         raise ValueError(f"models of different families: {spec_a.family} and {spec_b.family}")
-    sa, sb = model_a.state_dict(), model_b.state_dict()
-    for k in sa:
-        if k not in sb:
-            raise ValueError(f"parameter {k} is in model_a but not in model_b")
-        if sa[k].shape != sb[k].shape:
-            raise ValueError(f"incompatible shapes at {k}: {tuple(sa[k].shape)} vs {tuple(sb[k].shape)} "
-                             "(for different widths use gm.embed_wider first)")
+    _check_pair(model_a, model_b, tying=False)  # canonicalize unties GPT-2's embeddings anyway
     return spec_a
+
+
+def _check_first_batch(model, data):
+    """The first batch fits the model (``checks.check_batch``); returns data that still yields it."""
+    from .models import model_kind
+    batch, data = first_batch(data)
+    check_batch(model, batch, model_kind(model))
+    return data
 
 
 def align(model_a, model_b, method="weight", symmetries=("perm", "orth", "inv"), data=None, steps=None,
@@ -76,9 +93,15 @@ def align(model_a, model_b, method="weight", symmetries=("perm", "orth", "inv"),
     method in METHODS; symmetries, any of "perm" "semi" "orth" "inv"; data, an iterable of
     batches ((x, y) for classifiers, token ids [B, T] for language models); steps, learned-matching
     steps (default 200); form "stock" or "circuit". Returns an :class:`AlignResult`.
+    Everything is checked before any solver runs (``checks``): arguments, that A and B are one
+    supported architecture on one device and dtype with finite weights, and the first batch of
+    ``data``. Learned matching iterates ``data`` once (a single-pass generator works): its first
+    batches are held out to choose the returned iterate, the rest are trained on.
     """
-    symmetries = _validate(method, symmetries, data, form)
+    symmetries = _validate(method, symmetries, data, form, steps, seed, lr)
     spec = check_pair(model_a, model_b)
+    if data is not None and method in ("activation", "learned"):
+        data = _check_first_batch(model_a, data)
     start = time.perf_counter()
     if method == "none" and form == "stock":
         import copy
@@ -105,8 +128,9 @@ def _solve(res, spec, data, steps, seed, progress, lr):
     res.transforms, res.history = weight_matching(A, B, symmetries=res.symmetries, seed=seed, progress=progress)
     if res.method == "learned" and res.form == "stock":
         from .learned import learned_matching
-        res.transforms, res.losses = learned_matching(A, B, data, res.transforms, steps=steps or 200,
-                                                      lr=lr or 1e-2, seed=seed, progress=progress)
+        res.transforms, res.losses = learned_matching(A, B, data, res.transforms, steps=200 if steps is None else steps,
+                                                      lr=1e-2 if lr is None else lr, seed=seed,
+                                                      progress=progress)
 
 
 def _to_circuit_form(res, data, steps, seed, progress, lr):
@@ -116,7 +140,8 @@ def _to_circuit_form(res, data, steps, seed, progress, lr):
     A, B = to_circuit(res.model_a), to_circuit(res.model_b)
     if res.method == "learned":
         from .learned import learned_matching
-        T, res.losses = learned_matching(A, B, data, T, steps=steps or 200, lr=lr or 1e-2, seed=seed,
+        T, res.losses = learned_matching(A, B, data, T, steps=200 if steps is None else steps,
+                                         lr=1e-2 if lr is None else lr, seed=seed,
                                          progress=progress)
     res.transforms, res.model_a = T, A
     res.model_b = apply_transforms(B, T)

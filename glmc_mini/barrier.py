@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from .checks import check_data, check_pair, positive_int, real
 from .models import batch_loss, model_kind
 
 
@@ -24,12 +25,16 @@ def evaluate(model, data, device=None):
 
     Inputs: data, any iterable of batches: (x, y) for classifiers; x [B, T] or (x, _) for
     language models (logits[:, :-1] predict x[:, 1:]). Runs in eval mode under no_grad on the
-    model's device (or ``device``: then the model is moved there). Returns
-    ``{"loss": float, "acc": float | None}`` (acc is None for language models); the model's
-    train/eval mode is restored. Introduced in chapter 0.
+    model's device (or on ``device``: then a copy of the model is evaluated there, the model itself
+    stays where it is). Returns ``{"loss": float, "acc": float | None}`` (acc is None for language
+    models); the model's train/eval mode is restored. Each batch is checked first (labels, token
+    ids, length: ``checks.check_batch``). Introduced in chapter 0.
     """
-    if device is not None:
-        model.to(device)
+    check_data(data)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch nn.Module, got {type(model).__name__}")
+    if device is not None and torch.device(device) != _model_device(model):
+        model = copy.deepcopy(model).to(device)
     kind, was_training = model_kind(model), model.training
     total, count, correct = 0.0, 0, 0
     model.eval()
@@ -46,39 +51,40 @@ def evaluate(model, data, device=None):
     return {"loss": total / count, "acc": correct / count if kind == "classification" else None}
 
 
-def _tied_groups(model):
-    """Names of parameters that share storage (e.g. GPT-2's tied embeddings), as a set of tuples."""
-    groups = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(p), []).append(name)
-    return {tuple(sorted(names)) for names in groups.values() if len(names) > 1}
+def _check_compatible(model_a, model_b, state_a=None, state_b=None):
+    """ValueError naming the first reason two models cannot be interpolated: not one architecture
+    (class, configuration, modules and their attributes, names, shapes, tying: ``checks``), other
+    devices or dtypes, non-finite values."""
+    check_pair(model_a, model_b)
 
 
-def _check_compatible(model_a, model_b, state_a, state_b):
-    """ValueError naming the first difference in class, keys, shapes or parameter tying."""
-    if type(model_a) is not type(model_b):
-        raise ValueError(f"cannot interpolate a {type(model_a).__name__} with a {type(model_b).__name__}")
-    for key in list(state_a) + [k for k in state_b if k not in state_a]:
-        if key not in state_a or key not in state_b:
-            raise ValueError(f"parameter {key!r} is in only one of the two models")
-        if state_a[key].shape != state_b[key].shape:
-            raise ValueError(f"shape mismatch at {key!r}: {tuple(state_a[key].shape)} vs {tuple(state_b[key].shape)}")
-    if _tied_groups(model_a) != _tied_groups(model_b):
-        raise ValueError(f"parameter tying differs: {_tied_groups(model_a)} vs {_tied_groups(model_b)}")
-
-
-def interpolate(model_a, model_b, t):
+def interpolate(model_a, model_b, t, extrapolate=False):
     """A new model (a deep copy of ``model_a``) with every float parameter and buffer (1 - t) A + t B.
 
-    Non-float buffers are copied from A; the inputs are left untouched. Raises ValueError on a
-    different class, key set, shape or tying. Introduced in chapter 0.
+    Inputs: two models of one architecture, t a finite number in [0, 1] (outside it only with
+    ``extrapolate=True``). Non-float buffers are copied from A; the inputs are left untouched.
+    Raises ValueError on a different class, configuration, key set, shape or tying, on other
+    devices or dtypes, and on non-finite weights. Introduced in chapter 0.
     """
+    t = _check_t(t, extrapolate)
+    _check_compatible(model_a, model_b)
+    return _interpolate(model_a, model_b, t)
+
+
+def _check_t(t, extrapolate):
+    t = real(t, "t")
+    if not extrapolate and not 0.0 <= t <= 1.0:
+        raise ValueError(f"t = {t} is outside [0, 1]: that extrapolates beyond the endpoints; pass "
+                         "extrapolate=True if that is what you want")
+    return t
+
+
+def _interpolate(model_a, model_b, t):
     state_a, state_b = model_a.state_dict(), model_b.state_dict()
-    _check_compatible(model_a, model_b, state_a, state_b)
     mixed = {}
     for key, A in state_a.items():
-        B = state_b[key].to(A.device)
-        mixed[key] = (1 - t) * A + t * B.to(A.dtype) if A.is_floating_point() else A.clone()
+        B = state_b[key]
+        mixed[key] = (1 - t) * A + t * B if A.is_floating_point() else A.clone()
     model = copy.deepcopy(model_a)
     model.load_state_dict(mixed)
     return model
@@ -107,12 +113,18 @@ def barrier(model_a, model_b, data, num_points=11, progress=False):
     Inputs: data as for ``evaluate`` (an iterator is materialised into a list once).
     Returns a BarrierCurve with barrier = max_lambda [L(lambda) - ((1 - lambda) L(0) + lambda L(1))]
     and, for classifiers, barrier_acc = max_lambda [(1 - lambda) acc(0) + lambda acc(1) - acc(lambda)].
-    Introduced in chapter 0.
+    Checks first that A and B are one architecture with finite weights (as :func:`interpolate`) and
+    that ``num_points`` >= 2 (both endpoints). Introduced in chapter 0.
     """
+    num_points = positive_int(num_points, "num_points", minimum=2)
+    check_data(data)
+    _check_compatible(model_a, model_b)
     if iter(data) is data:
         data = list(data)
+    if not data:
+        raise ValueError("barrier got no batches: data is empty")
     lambdas = torch.linspace(0, 1, num_points).tolist()
-    results = [evaluate(interpolate(model_a, model_b, lam), data)
+    results = [evaluate(_interpolate(model_a, model_b, lam), data)
                for lam in tqdm(lambdas, desc="barrier", disable=not progress, leave=False)]
     losses = [r["loss"] for r in results]
     accs = [r["acc"] for r in results] if results[0]["acc"] is not None else None

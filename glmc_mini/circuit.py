@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from .canonical import canonicalize
 from .models import model_family
 from .spaces import Segment, Space, Spec, UnsupportedModelError, _activation_name, _ffn_classes, _whole
-from .symmetries import SemiPermutation, transform_state
+from .symmetries import SemiPermutation, empty_module, transform_state
 
 FORMS = ("circuit", "factored")
 
@@ -280,9 +280,10 @@ class CircuitTransformer(nn.Module):
 
 
 def _linear_like(old, out=None, inp=None):
+    """An uninitialised Linear like ``old`` with other sizes (filled by load_state_dict; no RNG drawn)."""
     p = old.weight
-    return nn.Linear(inp or old.in_features, out or old.out_features, bias=old.bias is not None,
-                     device=p.device, dtype=p.dtype)
+    return empty_module(lambda: nn.Linear(inp or old.in_features, out or old.out_features, bias=old.bias is not None),
+                        p.device, p.dtype)
 
 
 # --------------------------------------------------------------------------- the space table
@@ -306,7 +307,7 @@ def circuit_spec(model):
     """
     d = model.config.d
     acts = {_activation_name(blk.act) for blk in model.blocks}
-    spec = Spec("circuit", act="relu" if acts == {"relu"} else "gelu")
+    spec = Spec("circuit", act="relu" if acts == {"relu"} else "gelu", invariant=("head.bias",))
     spec.add_space(Space("residual", "residual", d, ("perm", "orth")))
     R_out = _whole(d, ("residual", "out"))
     _embedding_axes(spec, model, R_out)
@@ -415,7 +416,8 @@ def _block(attn, norm1, norm2, fc1, act, fc2, eps):
 def _as_linear(weight_out_in, bias):
     """nn.Linear copying ``weight`` [out, in] and ``bias`` (no bias when None)."""
     out_f, in_f = weight_out_in.shape
-    lin = nn.Linear(in_f, out_f, bias=bias is not None, device=weight_out_in.device, dtype=weight_out_in.dtype)
+    lin = empty_module(lambda: nn.Linear(in_f, out_f, bias=bias is not None), weight_out_in.device,
+                       weight_out_in.dtype)  # no random init: the caller's RNG is left alone
     with torch.no_grad():
         lin.weight.copy_(weight_out_in)
         if bias is not None:
@@ -508,6 +510,8 @@ def to_circuit(model, form="circuit"):
     OV_h = Ṽ_h W_o,h^T (products in float64, stored in the model's dtype); ``form="factored"``
     keeps the augmented factors. Follows the model's device and dtype.
     """
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     family = model_family(model)
     if family not in ("vit", "gpt2"):
         raise UnsupportedModelError(f"to_circuit needs a timm VisionTransformer or a GPT2LMHeadModel, got {family!r}")

@@ -33,3 +33,20 @@ def seed_everything(seed):
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
+
+
+def to_model_device(x, model):
+    """``x`` (a tensor, or a tuple / list / dict of them) on ``model``'s device; floating tensors also
+    take the model's floating dtype. Chapters use it for every tensor they mix with a model's own
+    (inputs, masks, constants), so the same cell runs on a CPU and on a GPU.
+
+    Introduced in chapter 1.
+    """
+    param = next(model.parameters())
+    if isinstance(x, (tuple, list)):
+        return type(x)(to_model_device(t, model) for t in x)
+    if isinstance(x, dict):
+        return {k: to_model_device(t, model) for k, t in x.items()}
+    if not torch.is_tensor(x):
+        return x
+    return x.to(param.device, dtype=param.dtype if x.is_floating_point() else None)

@@ -2,7 +2,7 @@
 
 The paper finds that the gap between weight and learned matching sits almost entirely in the
 residual orthogonal map, as a small correction whose eigen-angles cluster near 0, while the
-permutations barely change (shared/paper.md). :func:`compare_solutions` measures exactly that:
+permutations barely change (Theus et al. 2025). :func:`compare_solutions` measures exactly that:
 
 - permutations (and semi-permutations): the fraction of units sent elsewhere, ``changed``;
 - orthogonal maps: the eigen-angles of the correction ``O_b O_a^T`` (its eigenvalues are
@@ -28,9 +28,9 @@ def eigen_angles(O):
 
 def _identity_like(T):
     if isinstance(T, Invertible):
-        return Invertible(torch.eye(T.A.shape[-1], dtype=T.A.dtype).repeat(T.A.shape[0], 1, 1))
+        return Invertible(torch.eye(T.A.shape[-1], dtype=T.A.dtype, device=T.A.device).repeat(T.A.shape[0], 1, 1))
     if isinstance(T, Orthogonal):
-        return Orthogonal(torch.eye(T.O.shape[0], dtype=T.O.dtype))
+        return Orthogonal(torch.eye(T.O.shape[0], dtype=T.O.dtype, device=T.O.device))
     return Permutation.identity(T.n)
 
 

@@ -13,15 +13,14 @@ Free parameters per space are projected onto their class on every forward pass:
 
 Each step draws lambda ~ U(0.4, 0.6), merges (1 - lambda) A + lambda T(B), and back-propagates
 the task loss of the merged model into the projection parameters only (the endpoints are frozen).
-Initialised from weight matching: identity initialisation is much worse (shared/paper.md).
+Initialised from weight matching: identity initialisation is much worse in Theus et al. (2025).
 Introduced in chapter 5.
 """
-import itertools
-
 import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from .checks import check_data, positive_int, real, seed_value, split_held_out
 from .matching import assignment, polar
 from .models import batch_loss, model_kind
 from .spaces import build_spec
@@ -111,14 +110,19 @@ class Projections(nn.Module):
                 S.copy_(polar(S).to(S))
 
 
-def _cycle(data):
-    while True:
-        empty = True
-        for batch in data:
-            empty = False
-            yield batch
-        if empty:
-            raise ValueError("learned matching got an empty data iterable")
+class eval_mode:
+    """``with eval_mode(model):`` the model in eval mode inside, its own mode restored after."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.was_training = self.model.training
+        self.model.eval()
+        return self.model
+
+    def __exit__(self, *exc):
+        self.model.train(self.was_training)
 
 
 def merged_loss(lossof, A, TB, lam, batch):
@@ -131,35 +135,43 @@ def learned_matching(model_a, model_b, data, init, steps=200, lr=1e-2, lr_perm=0
                      lam_range=(0.4, 0.6), select_batches=4, progress=True):
     """Refine ``init`` (weight matching's transforms) on the loss of the merged model.
 
-    Inputs: model_a, model_b of one class (canonical stock models, or circuit models); data, an
-    iterable of batches (cycled); init {space: Transform}. Only the projection parameters train:
-    orthogonal and invertible ones with Adam at ``lr``; permutation scores start one-hot, so a
-    different assignment needs a score to move by about 1: they use ``lr_perm``.
-    Stochastic steps can wander, so the returned solution is the best, by the midpoint loss
-    (lambda = 1/2) on the first ``select_batches`` batches of ``data``, among the start and
-    the iterates checked every ``steps // 10`` steps: never worse than ``init`` on that loss.
-    Returns (hard transforms {space: Transform}, list of per-step losses).
+    Inputs: model_a, model_b of one class (canonical stock models, or circuit models); data, any
+    iterable of batches, iterated once (``checks.split_held_out``): its first ``select_batches``
+    batches are held out, the others are trained on (replayed once the pass ends); init
+    {space: Transform}. Only the projection parameters train: orthogonal and invertible ones with
+    Adam at ``lr``; permutation scores start one-hot, so a different assignment needs a score to
+    move by about 1: they use ``lr_perm``. Stochastic steps can wander and fit the batches they
+    see, so the returned solution is the best, by the midpoint loss (lambda = 1/2) on the held-out
+    batches, among the start and the iterates checked every ``steps // 10`` steps: never worse
+    than ``init`` on those batches. The models' train/eval modes are left as they were (the loss
+    is computed in eval mode). Returns (hard transforms {space: Transform}, list of per-step losses).
     """
+    steps, select_batches = positive_int(steps, "steps"), positive_int(select_batches, "select_batches")
+    lr, lr_perm = real(lr, "lr", low=0.0, open_low=True), real(lr_perm, "lr_perm", low=0.0, open_low=True)
+    lo, hi = (real(v, "lam_range", 0.0, 1.0) for v in lam_range)
+    if lo > hi:
+        raise ValueError(f"lam_range must be (low, high) with low <= high, got {tuple(lam_range)}")
     spec = build_spec(model_a)
     device = next(model_a.parameters()).device
     A = {k: v.detach() for k, v in model_a.state_dict().items()}
     B = {k: v.detach() for k, v in model_b.state_dict().items()}
     proj = Projections(dict(init), spec).to(device)
     opt = torch.optim.Adam(proj.param_groups(lr, lr_perm))
-    lossof, gen = _LossOf(model_a).eval(), torch.Generator().manual_seed(seed)
-    held = list(itertools.islice(iter(data), select_batches))
-    best = _score(lossof, A, B, spec, proj.project(hard=True), held)
-    losses, batches, every = [], _cycle(data), max(1, steps // 10)
-    for step in tqdm(range(1, steps + 1), desc="learned matching", disable=not progress, leave=False):
-        lam = lam_range[0] + (lam_range[1] - lam_range[0]) * torch.rand((), generator=gen).item()
-        loss = merged_loss(lossof, A, transform_state(B, spec, proj.project(), check=False), lam, next(batches))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        proj.retract()
-        losses.append(loss.item())
-        if step % every == 0 or step == steps:
-            best = min(best, _score(lossof, A, B, spec, proj.project(hard=True), held), key=lambda b: b[0])
+    lossof, gen = _LossOf(model_a), torch.Generator().manual_seed(seed_value(seed))
+    held, batches = split_held_out(check_data(data), select_batches)
+    with eval_mode(model_a):
+        best = _score(lossof, A, B, spec, proj.project(hard=True), held)
+        losses, every = [], max(1, steps // 10)
+        for step in tqdm(range(1, steps + 1), desc="learned matching", disable=not progress, leave=False):
+            lam = lo + (hi - lo) * torch.rand((), generator=gen).item()
+            loss = merged_loss(lossof, A, transform_state(B, spec, proj.project(), check=False), lam, next(batches))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            proj.retract()
+            losses.append(loss.item())
+            if step % every == 0 or step == steps:
+                best = min(best, _score(lossof, A, B, spec, proj.project(hard=True), held), key=lambda b: b[0])
     return best[1], losses
 
 

@@ -1,8 +1,8 @@
 """Several models at once: universe matching, learned refinement, interpolation over the simplex.
 
 Two models are aligned by moving B onto A. With K models there is no privileged A, so every model
-is moved onto a common *reference* that is itself their average (shared/paper.md, "Beyond two
-models"):
+is moved onto a common *reference* that is itself their average (Theus et al. 2025,
+chapter 5):
 
     universe matching    C_k = canonical(model_k);  R = C_0
                          repeat: T_k = weight_matching(R, C_k) for every k;  R = (1/K) sum_k T_k(C_k)
@@ -18,14 +18,14 @@ over the whole simplex (:func:`simplex_grid`, :func:`simplex_losses`, ``gm.plot_
 Introduced in chapter 5.
 """
 import copy
-import itertools
 import time
 from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
 
-from .align import _validate, check_pair
+from .align import _check_first_batch, _validate, check_pair
+from .checks import positive_int, real
 from .barrier import _check_compatible, evaluate
 from .canonical import canonicalize
 from .spaces import build_spec
@@ -135,10 +135,12 @@ def _learned_many(canon, init, data, steps, lr, lr_perm, seed, concentration, se
 
     As in two-model learned matching, permutation scores get their own learning rate ``lr_perm``
     and the returned solution is the best, by the loss of the equal-weight mixture (the simplex
-    centre) on the first ``select_batches`` batches of ``data``, among the start and the iterates
-    checked every ``steps // 10`` steps: never worse than universe matching on that loss.
+    centre) on the first ``select_batches`` batches of ``data``, held out from training
+    (``checks.split_held_out``), among the start and the iterates checked every ``steps // 10``
+    steps: never worse than universe matching on those batches.
     """
-    from .learned import Projections, _LossOf, _cycle
+    from .checks import split_held_out
+    from .learned import Projections, _LossOf, eval_mode
     K, spec = len(canon), build_spec(canon[0])
     device = next(canon[0].parameters()).device
     states = [{k: v.detach() for k, v in C.state_dict().items()} for C in canon]
@@ -148,8 +150,8 @@ def _learned_many(canon, init, data, steps, lr, lr_perm, seed, concentration, se
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         W = torch.distributions.Dirichlet(concentration * torch.ones(K)).sample((steps,))  # [steps, K]
-    lossof, batches, losses = _LossOf(canon[0]).eval(), _cycle(data), []
-    held = list(itertools.islice(iter(data), select_batches))
+    lossof, losses = _LossOf(canon[0]), []
+    held, batches = split_held_out(data, select_batches)
 
     def mixture_loss(w, transforms, batch):
         moved = [anchor] + [transform_state(states[k], spec, transforms[k - 1], check=False) for k in range(1, K)]
@@ -163,17 +165,18 @@ def _learned_many(canon, init, data, steps, lr, lr_perm, seed, concentration, se
         centre = [1.0 / K] * K
         return sum(mixture_loss(centre, hard, b).item() for b in held) / max(1, len(held)), hard
 
-    best, every = score(), max(1, steps // 10)
-    for step, w in enumerate(tqdm(W.tolist(), desc="learned universe", disable=not progress, leave=False), 1):
-        loss = mixture_loss(w, [proj.project() for proj in projs], next(batches))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        for proj in projs:
-            proj.retract()
-        losses.append(loss.item())
-        if step % every == 0 or step == steps:
-            best = min(best, score(), key=lambda b: b[0])
+    with eval_mode(canon[0]):
+        best, every = score(), max(1, steps // 10)
+        for step, w in enumerate(tqdm(W.tolist(), desc="learned universe", disable=not progress, leave=False), 1):
+            loss = mixture_loss(w, [proj.project() for proj in projs], next(batches))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            for proj in projs:
+                proj.retract()
+            losses.append(loss.item())
+            if step % every == 0 or step == steps:
+                best = min(best, score(), key=lambda b: b[0])
     return [init[0]] + best[1], losses
 
 
@@ -191,17 +194,26 @@ def align_many(models, method="weight", symmetries=("perm", "orth", "inv"), data
     """
     if method not in ("weight", "learned"):
         raise ValueError(f"unknown method {method!r} for several models; choose 'weight' or 'learned'")
-    symmetries = _validate(method, symmetries, data, "stock")
+    symmetries = _validate(method, symmetries, data, "stock", steps, seed, lr)
+    if isinstance(models, torch.nn.Module):
+        raise TypeError("align_many takes a list of models, got a single model")
+    models = list(models)
     if len(models) < 2:
         raise ValueError(f"align_many needs at least two models, got {len(models)}")
+    iters, select_batches = positive_int(iters, "iters"), positive_int(select_batches, "select_batches")
+    concentration = real(concentration, "concentration", low=0.0, open_low=True)
+    tol, lr_perm = real(tol, "tol", low=0.0), real(lr_perm, "lr_perm", low=0.0, open_low=True)
     for model in models[1:]:
         check_pair(models[0], model)
+    if method == "learned":
+        data = _check_first_batch(models[0], data)
     start = time.perf_counter()
     canon = [canonicalize(m) for m in models]
     transforms, aligned, history = _universe(canon, symmetries, seed, iters, tol, progress)
     losses = []
     if method == "learned":
-        transforms, losses = _learned_many(canon, transforms, data, steps or 200, lr or 1e-2, lr_perm, seed,
+        transforms, losses = _learned_many(canon, transforms, data, 200 if steps is None else steps,
+                                           1e-2 if lr is None else lr, lr_perm, seed,
                                            concentration, select_batches, progress)
         aligned = [apply_transforms(C, T) for C, T in zip(canon, transforms)]
     reference = interpolate_many(aligned, [1.0 / len(aligned)] * len(aligned))

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from .spaces import build_spec
 from .symmetries import (Invertible, Orthogonal, Permutation, SemiPermutation, identity_transforms,
-                         single_thread, transform_state)
+                         small_linalg, transform_state)
 
 
 # --------------------------------------------------------------------------- solvers
@@ -103,8 +103,7 @@ def _sparse_assignment(C, current, k=CANDIDATES, sample=512):
 
 def polar(C):
     """The orthogonal factor U V^T of C = U S V^T: argmax over orthogonal O of <O, C>."""
-    with single_thread():
-        U, _, Vh = torch.linalg.svd(C.double())
+    U, _, Vh = small_linalg(torch.linalg.svd, C.double())
     return U @ Vh
 
 
@@ -133,12 +132,12 @@ def balancing(X, Y, eps=1e-9):
     With X = Ux Sx Vx^T, Y = Uy Sy Vy^T and Sx Vx^T Vy Sy = W S Z^T, G = Vx Sx^-1 W S^1/2, so
     X G = Ux W S^1/2 and Y G^-T = Uy Z S^1/2 (Sx, Vx from the SVD of X's QR factor R: X = Q R).
     Inputs: X, Y [H, rows, hd] (float64)."""
-    with single_thread():
-        _, Sx, Vxh = torch.linalg.svd(_r_factor(X), full_matrices=False)
-        _, Sy, Vyh = torch.linalg.svd(_r_factor(Y), full_matrices=False)
-        Sx, Sy = Sx.clamp_min(eps * Sx.amax(-1, keepdim=True)), Sy.clamp_min(eps * Sy.amax(-1, keepdim=True))
-        M = Sx[..., :, None] * (Vxh @ Vyh.transpose(-1, -2)) * Sy[..., None, :]
-        W, S, _ = torch.linalg.svd(M)
+    svd = lambda Z: torch.linalg.svd(Z, full_matrices=False)
+    _, Sx, Vxh = small_linalg(svd, _r_factor(X))
+    _, Sy, Vyh = small_linalg(svd, _r_factor(Y))
+    Sx, Sy = Sx.clamp_min(eps * Sx.amax(-1, keepdim=True)), Sy.clamp_min(eps * Sy.amax(-1, keepdim=True))
+    M = Sx[..., :, None] * (Vxh @ Vyh.transpose(-1, -2)) * Sy[..., None, :]
+    W, S, _ = small_linalg(torch.linalg.svd, M)
     return Vxh.transpose(-1, -2) @ (W / Sx[..., :, None]) * S.sqrt()[..., None, :]
 
 
@@ -150,8 +149,7 @@ def _r_factor(X):
 def balanced(X, Y, G=None):
     """(X G, Y G^-T, G, G^-1) with G = :func:`balancing` (X, Y) unless given."""
     G = balancing(X, Y) if G is None else G
-    with single_thread():
-        G_inv = torch.linalg.inv(G)
+    G_inv = small_linalg(torch.linalg.inv, G)
     return X @ G, Y @ G_inv.transpose(-1, -2), G, G_inv
 
 
@@ -160,14 +158,55 @@ def match_factors(XA, YA, XB, YB, balanced_a=None, balancing_b=None):
 
     Balance both heads (:func:`balanced`), then the balanced factors differ by an orthogonal R,
     found by Procrustes: R = polar(Xb_B^T Xb_A + Yb_B^T Yb_A); G = G_B R G_A^-1. Exact when B's
-    head is A's head under an invertible map. Inputs: [H, rows, hd] factors (float64);
-    ``balanced_a``: A's :func:`balanced` tuple if already known (then XA, YA are not read);
-    ``balancing_b``: G_B if already known (a balancing of Q X, Q Y for orthogonal Q balances X, Y:
-    it depends on X^T X, Y^T Y and X^T Y only, up to the orthogonal factor that R absorbs)."""
+    head is A's head under an invertible map *and* X Y^T has full rank hd. It does not when the
+    product is rank-deficient: the balanced factors vanish on the null directions, which the
+    Procrustes step then cannot place. That is every head of a canonical model with one head
+    (hd = d): its output projection is centred, so Y has rank d - 1. Two more candidates are exact
+    there: the least-squares fits G = X_B^+ X_A (exact when X_B has full column rank) and
+    G^-T = Y_B^+ Y_A; each head keeps the candidate with the lowest ||X_B G - X_A||^2 +
+    ||Y_B G^-T - Y_A||^2. Inputs: [H, rows, hd] factors (float64); ``balanced_a``: A's
+    :func:`balanced` tuple if already known; ``balancing_b``: G_B if already known (a balancing of
+    Q X, Q Y for orthogonal Q balances X, Y: it depends on X^T X, Y^T Y and X^T Y only, up to the
+    orthogonal factor that R absorbs)."""
     XbA, YbA, _, GA_inv = balanced_a if balanced_a is not None else balanced(XA, YA)
     XbB, YbB, GB, _ = balanced(XB, YB, balancing_b)
     R = polar(XbB.transpose(-1, -2) @ XbA + YbB.transpose(-1, -2) @ YbA)
-    return GB @ R @ GA_inv
+    G = GB @ R @ GA_inv
+    if XA is None or YA is None:
+        return G
+    return _best_per_head([G, _lstsq(XB, XA), _inverse_t(_lstsq(YB, YA))], XA, YA, XB, YB)
+
+
+def _lstsq(X, Y):
+    """argmin_G ||X G - Y|| per head (pseudo-inverse: any rank, any device). [H, rows, hd] -> [H, hd, hd]."""
+    return torch.linalg.pinv(X) @ Y
+
+
+def _inverse_t(G):
+    """G^-T per head; non-finite where G is singular (then that candidate loses)."""
+    ok = torch.linalg.matrix_rank(G) == G.shape[-1]
+    eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
+    safe = torch.where(ok[:, None, None], G, eye)
+    return torch.where(ok[:, None, None], torch.linalg.inv(safe).transpose(-1, -2), torch.full_like(G, float("inf")))
+
+
+def _best_per_head(candidates, XA, YA, XB, YB):
+    """Per head, the candidate G [H, hd, hd] with the lowest ||X_B G - X_A||^2 + ||Y_B G^-T - Y_A||^2."""
+    costs = []
+    for G in candidates:
+        finite = torch.isfinite(G).all((-1, -2))
+        try:
+            ok = finite & (torch.linalg.matrix_rank(torch.where(finite[:, None, None], G, 0 * XA[:, :1, :1])) ==
+                           G.shape[-1])
+        except RuntimeError:
+            ok = torch.zeros_like(finite)
+        Gs = torch.where(ok[:, None, None], G, torch.eye(G.shape[-1], dtype=G.dtype, device=G.device))
+        cost = (XB @ Gs - XA).pow(2).sum((-1, -2)) + \
+            (YB @ torch.linalg.inv(Gs).transpose(-1, -2) - YA).pow(2).sum((-1, -2))
+        costs.append(torch.where(ok & torch.isfinite(cost), cost, torch.full_like(cost, float("inf"))))
+    pick = torch.stack(costs).argmin(0)  # (H,)
+    stacked = torch.stack([torch.nan_to_num(G, nan=0.0, posinf=0.0, neginf=0.0) for G in candidates])
+    return stacked[pick, torch.arange(len(pick), device=pick.device)]
 
 
 # --------------------------------------------------------------------------- cross-products
@@ -557,14 +596,16 @@ class _Problem:
         x, y = ("q", "k") if self.spec.spaces[space].kind == "qk" else ("v", "o")
         if space not in self._balanced_a:
             fa = head_factors(self.spec, self.A, l, (x, y))
-            self._balanced_a[space] = balanced(fa[x].double(), fa[y].double())
+            XA, YA = fa[x].double(), fa[y].double()
+            self._balanced_a[space] = (XA, YA, balanced(XA, YA))
         order = _perm_of(T[heads]) if heads in T else torch.arange(self.spec.spaces[space].blocks)
         fast = order is not None and ("residual" not in T or _isometry(T["residual"]) is not None)
         keep = {k: v for k, v in self._others(T).items() if k in (("residual",) if fast else ("residual", heads))}
         fb = head_factors(self.spec, transform_state(self.b_res(self.params[heads], T), self.spec, keep, check=False),
                           l, (x, y))
         XB, YB = (fb[x][order.to(fb[x].device)], fb[y][order.to(fb[y].device)]) if fast else (fb[x], fb[y])
-        G = match_factors(None, None, XB.double(), YB.double(), balanced_a=self._balanced_a[space],
+        XA, YA, bal_a = self._balanced_a[space]
+        G = match_factors(XA, YA, XB.double(), YB.double(), balanced_a=bal_a,
                           balancing_b=self._b_balancing(space, x, y, order) if fast else None)
         blocks = torch.empty_like(G)
         perm = T[heads].perm if heads in T else torch.arange(len(G))
@@ -642,11 +683,30 @@ def weight_matching(model_a, model_b, symmetries=("perm", "orth", "inv"), seed=0
     first = problem.distance(start)
     runs = [_Run(problem, classes, order, dict(start), random.Random(seed + 1000 * r), first)
             for r in range(max(1, restarts))]
+    static = _static_start(problem, classes, start, order)
+    if static is not None:
+        runs.append(_Run(problem, classes, order, static, random.Random(seed + 1000 * len(runs)),
+                         problem.distance(static)))
     if len(runs) > 1:
         for run in runs:
             run.sweeps(min(probe, max_iter), tol, patience, progress)
     best = min(runs, key=lambda run: run.best[0]).sweeps(max_iter, tol, patience, progress)
     return best.best[1], best.history
+
+
+def _static_start(problem, classes, start, order):
+    """One more start: the residual map solved on the parameters only it moves (embeddings, LM
+    head, norm biases), or None. An identity start solves the residual first against FFN and
+    attention weights whose own maps are still unknown; with per-head invertible maps and a residual
+    permutation that noise traps every random order in the same wrong fixed point (GPT-2 of width
+    32: relative distance 0.8 left of a planted transform), while these parameters alone place it."""
+    res = problem.res
+    if res is None or res not in order or problem.K_res is None or not _is_identity(start[res]):
+        return None
+    K = problem.K_res.float()
+    T = dict(start)
+    T[res] = procrustes_fixing_ones(K) if classes[res] == "orth" else assignment(K)
+    return T
 
 
 def _effort(state, tol, probe, max_iter):

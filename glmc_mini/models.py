@@ -58,8 +58,13 @@ def _isinstance(model, module, name):
 
 
 def _is_mlp(model):
-    ok = (nn.Flatten, nn.Linear, nn.GELU, nn.ReLU)
-    return isinstance(model, nn.Sequential) and all(isinstance(m, ok) for m in model)
+    """Is ``model`` a supported MLP? One definition for the whole package: ``spaces.mlp_layers``."""
+    from .spaces import UnsupportedModelError, mlp_layers
+    try:
+        mlp_layers(model)
+    except UnsupportedModelError:
+        return False
+    return True
 
 
 def model_family(model):
@@ -74,12 +79,14 @@ def model_family(model):
         return "gpt2"
     if _isinstance(model, "timm.models.vision_transformer", "VisionTransformer"):
         return "vit"
-    if _is_mlp(model):
+    if isinstance(model, nn.Sequential):
+        from .spaces import mlp_layers
+        mlp_layers(model)  # raises UnsupportedModelError (a TypeError) naming what is not supported
         return "mlp"
     if getattr(model, "glmc_kind", None) in KINDS:
         return "circuit"
     raise TypeError(f"{type(model).__name__} is not a supported model: expected an nn.Sequential MLP "
-                    f"(Flatten, Linear, GELU/ReLU), a timm VisionTransformer or a GPT2LMHeadModel")
+                    f"(Linear layers, element-wise activations), a timm VisionTransformer or a GPT2LMHeadModel")
 
 
 def model_kind(model):
@@ -95,13 +102,20 @@ def batch_loss(model, batch, kind):
 
     Inputs: batch = (x [B, ...], y [B]) for classifiers; x [B, T] or (x, _) for language models,
     where logits[:, :-1] predict x[:, 1:]. Moves the batch to the model's device and float dtype.
+    The batch is checked first (``checks.check_batch``: labels present and in range, token ids
+    below the vocabulary, sequences within the positions), so a bad one raises a ValueError
+    naming the problem instead of an IndexError (or a device-side assert on a GPU).
     """
+    from .checks import check_batch
     param = next(model.parameters())
-    x, y = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
+    x, y = check_batch(model, batch, kind)
     x = x.to(param.device, dtype=param.dtype if x.is_floating_point() else None)
     logits = forward_logits(model, x).float()
     if kind == "language":
         logits, y = logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1)  # (B*(T-1), V)
+    elif y.numel() and (int(y.min()) < 0 or int(y.max()) >= logits.shape[-1]):
+        raise ValueError(f"labels must lie in [0, {logits.shape[-1]}) (the model's classes), got labels from "
+                         f"{int(y.min())} to {int(y.max())}")
     y = y.to(param.device)
     loss = nn.functional.cross_entropy(logits, y, reduction="sum")
     correct = (logits.argmax(-1) == y).sum() if kind == "classification" else None
@@ -111,9 +125,12 @@ def batch_loss(model, batch, kind):
 def forward_logits(model, x):
     """Logits of any supported model: ``[B, C]`` for classifiers, ``[B, T, V]`` for language models.
 
-    Inputs: x [B, C, H, W] (images) or [B, T] (token ids). GPT-2: ``model(input_ids=x).logits``.
+    Inputs: x [B, C, H, W] (images) or [B, T] (token ids), on any device: it is moved to the
+    model's device (and floating dtype) first. GPT-2: ``model(input_ids=x).logits``.
     Introduced in chapter 0.
     """
+    from .device import to_model_device
+    x = to_model_device(x, model)
     hf = _isinstance(model, "transformers", "PreTrainedModel")
     out = model(input_ids=x) if hf else model(x)
     return out.logits if hasattr(out, "logits") else out

@@ -27,7 +27,12 @@ def get_profile():
     return profile
 
 
-PROFILE = get_profile()
+def __getattr__(name):
+    """``PROFILE``: the active profile, read when asked for (an invalid ``GLMC_PROFILE`` then fails
+    where it is used, not at import, so ``python -m glmc_mini reproduce --profile quick`` still works)."""
+    if name == "PROFILE":
+        return get_profile()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -137,19 +142,26 @@ def _sizes(config):
             f"MLP {m['n_inner']}, block {config.block_size}")
 
 
-def describe_profile(task=None):
-    """A short description of the active profile: sizes and expected runtime per endpoint.
+def describe_profile(task=None, profile=None):
+    """A short description of ``profile`` (default: the active one): sizes and expected runtime per
+    endpoint.
 
     Introduced in chapter 0.
     """
-    profile = get_profile()
+    profile = get_profile() if profile is None else profile
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
     tasks = [task] if task is not None else ["mlp-digits", "vit-digits", "gpt-pydoc"]
     where = "a GPU" if profile == "paper" else "2 CPU cores"
     lines = [f"profile {profile!r} (set GLMC_PROFILE to quick | standard | paper)"]
+    from .train import seed_offset
+    if seed_offset():
+        lines.append(f"GLMC_SEED_OFFSET={seed_offset()}: every endpoint seed is shifted by it")
     for name in tasks:
         c = task_config(name, profile)
         length = f"{c.steps} steps" if c.steps else f"{c.epochs} epochs"
-        lines.append(f"  {name}: {_sizes(c)}; {length}; about {c.seconds:.0f} s per endpoint on {where}")
+        lines.append(f"  {name}: {_sizes(c)}; {length};")
+        lines.append(f"    about {c.seconds:.0f} s per endpoint on {where}")
     return "\n".join(lines)
 
 

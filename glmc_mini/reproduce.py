@@ -134,11 +134,13 @@ def format_table(results):
 def reproduce(profile, tasks=None, seeds=(0, 1), steps=None, json_path=None, limit_batches=None,
               progress=True):
     """Run every task and method, print the table, write JSON to ``json_path``; returns the results."""
-    from .profiles import describe_profile
+    from .profiles import PROFILES, describe_profile
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
     if len(seeds) < 2:
         raise ValueError("reproduce needs at least two seeds to form a pair")
     print(f"active profile: {profile}")
-    print(describe_profile())
+    print(describe_profile(profile=profile))
     results = {}
     for task in tasks or default_tasks(profile):
         out = run_task(task, profile, list(seeds), steps, limit_batches, progress)

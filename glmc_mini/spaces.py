@@ -1,6 +1,6 @@
 """The space table of a model: which symmetry acts on which parameter axis.
 
-A model's parameters live in a few named *spaces* (design.md, "The symmetry framework").
+A model's parameters live in a few named *spaces* (the book's notation page and chapters 1-4).
 For a pre-norm transformer of width d, H heads of size d/H, FFN width f and L layers:
 
     residual  (d)         orthogonal, or permutation       every residual writer and reader, norm biases
@@ -59,6 +59,7 @@ class Spec:
     spaces: dict = field(default_factory=dict)
     axes: dict = field(default_factory=dict)
     act: str = "gelu"  # the FFN nonlinearity ("relu" admits semi-permutations)
+    invariant: tuple = ()  # parameters and buffers no symmetry acts on (output biases, constant masks)
 
     def add_space(self, space):
         self.spaces[space.name] = space
@@ -85,15 +86,34 @@ def _whole(n, *chain):
     return (Segment(0, n, tuple(chain)),)
 
 
-def _activation_name(module):
-    if isinstance(module, nn.ReLU):
+_TORCH_ELEMENTWISE = (nn.GELU, nn.Tanh, nn.SiLU, nn.Sigmoid, nn.Mish, nn.ELU, nn.LeakyReLU, nn.ReLU6,
+                      nn.Softplus, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.SELU, nn.CELU, nn.Softsign)
+# element-wise activations of the libraries whose models we take, by (module, class name); no parameters
+_LIBRARY_ELEMENTWISE = {
+    "transformers.activations": {"GELUActivation", "NewGELUActivation", "FastGELUActivation", "QuickGELUActivation",
+                                 "ClippedGELUActivation", "AccurateGELUActivation", "PytorchGELUTanh", "GELUTanh",
+                                 "SiLUActivation", "MishActivation", "ReLUSquaredActivation", "LaplaceActivation"},
+    "timm.layers.activations": {"GELU", "GELUTanh", "QuickGELU", "Swish", "Sigmoid", "Tanh", "Mish", "HardMish",
+                                "HardSigmoid", "HardSwish"},
+}
+
+
+def _activation_name(module, where=""):
+    """ "relu" (nn.ReLU: positively homogeneous, admits semi-permutations), "gelu" (any other
+    element-wise map without parameters: permutations only) or "identity"; anything else (a
+    subclass, a map with parameters, one that mixes units) raises UnsupportedModelError naming it.
+    Exact types: a subclass may override ``forward``."""
+    cls = type(module)
+    if cls is nn.ReLU:
         return "relu"
-    if isinstance(module, (nn.GELU, nn.Tanh, nn.SiLU, nn.Sigmoid, nn.Identity)):
-        return "gelu" if not isinstance(module, nn.Identity) else "identity"
-    cls = type(module).__name__
-    if "GELU" in cls.upper() or cls in {"SiLUActivation", "QuickGELUActivation"}:
-        return "gelu"
-    raise UnsupportedModelError(f"unsupported activation {cls}: glmc_mini knows ReLU, GELU, tanh, SiLU, sigmoid")
+    if cls is nn.Identity:
+        return "identity"
+    if cls in _TORCH_ELEMENTWISE or cls.__name__ in _LIBRARY_ELEMENTWISE.get(cls.__module__, ()):
+        if not any(True for _ in module.parameters()):
+            return "gelu"
+    at = f" at {where}" if where else ""
+    raise UnsupportedModelError(f"unsupported activation {cls.__name__}{at}: glmc_mini knows element-wise maps "
+                                "without parameters (ReLU, GELU and its variants, tanh, SiLU, sigmoid, ...)")
 
 
 def _ffn_classes(act):
@@ -102,25 +122,42 @@ def _ffn_classes(act):
 
 # --------------------------------------------------------------------------- MLP
 
-_MLP_PASSIVE = (nn.Flatten, nn.Dropout, nn.Identity)
-
-
-def _spec_mlp(model):
-    """nn.Sequential of Linear layers with element-wise activations between them."""
-    linears, gaps = [], []  # gaps[i]: the activations between Linear i and Linear i + 1
+def mlp_layers(model):
+    """The one definition of a supported MLP: an ``nn.Sequential`` (exactly) of ``nn.Linear`` layers
+    with element-wise activations (:func:`_activation_name`), ``nn.Dropout`` and ``nn.Identity``
+    between them and an optional ``nn.Flatten`` before the first Linear; at least two Linears.
+    Returns (Linear child names, gaps): gaps[i] lists the activations after Linear i.
+    Anything else raises UnsupportedModelError naming the child (``models.model_family`` and
+    ``build_spec`` both ask this function)."""
+    if type(model) is not nn.Sequential:
+        raise UnsupportedModelError(f"{type(model).__name__} is not an nn.Sequential MLP")
+    linears, gaps = [], []
     for name, module in model.named_children():
-        if isinstance(module, nn.Linear):
+        cls = type(module)
+        if cls is nn.Linear:
             linears.append(name)
             gaps.append([])
-        elif isinstance(module, _MLP_PASSIVE):
+        elif cls in (nn.Dropout, nn.Identity):
             continue
+        elif cls is nn.Flatten:
+            if linears:
+                raise UnsupportedModelError(f"Flatten at {name} after a Linear layer: an MLP flattens its input only")
+        elif cls in (nn.LayerNorm, nn.BatchNorm1d, nn.Softmax) or any(True for _ in module.parameters()):
+            raise UnsupportedModelError(f"{cls.__name__} at {name} inside the MLP: glmc_mini transforms Linear "
+                                        "layers and element-wise activations only")
         else:
-            act = _activation_name(module)
+            act = _activation_name(module, name)
             if not linears:
-                raise UnsupportedModelError(f"activation {name} before any Linear layer")
+                raise UnsupportedModelError(f"activation {cls.__name__} at {name} before any Linear layer")
             gaps[-1].append(act)
     if len(linears) < 2:
         raise UnsupportedModelError("an MLP needs at least two Linear layers (one hidden space)")
+    return linears, gaps
+
+
+def _spec_mlp(model):
+    """nn.Sequential of Linear layers with element-wise activations between them (:func:`mlp_layers`)."""
+    linears, gaps = mlp_layers(model)
 
     def gap_act(acts):  # several element-wise maps in a row: ReLU-like only if all are ReLU
         acts = [a for a in acts if a != "identity"]
@@ -138,6 +175,7 @@ def _spec_mlp(model):
         if getattr(model, a).bias is not None:
             spec.set_axis(f"{a}.bias", 0, 1, _whole(n, (space, "out")))
         spec.set_axis(f"{b}.weight", 1, 2, _whole(n, (space, "in")))
+    spec.invariant = (f"{linears[-1]}.bias",)
     return spec
 
 
@@ -155,9 +193,20 @@ def _attention_spaces(spec, l, H, hd):
     return qkv, proj_in
 
 
+def _layer_norm_types():
+    """torch's LayerNorm and timm's (same function; a fused kernel), as exact types."""
+    types = [nn.LayerNorm]
+    try:
+        from timm.layers.norm import LayerNorm
+        types.append(LayerNorm)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(types)
+
+
 def _norm(spec, prefix, module, d):
     """A LayerNorm on the residual stream: gain and bias move with the normalised stream."""
-    if not isinstance(module, nn.LayerNorm):
+    if type(module) not in _layer_norm_types():
         raise UnsupportedModelError(f"{prefix}: expected nn.LayerNorm, found {type(module).__name__}")
     if module.weight is not None:
         spec.set_axis(f"{prefix}.weight", 0, 1, _whole(d, ("residual", "norm")))
@@ -183,10 +232,37 @@ def _require_identity(prefix, **modules):
                 f"{prefix}.{attr} is {type(module).__name__}; glmc_mini supports pre-norm blocks without it")
 
 
+def _vit_module_types():
+    from timm.layers import DropPath, Mlp, PatchEmbed
+    from timm.models.vision_transformer import Attention, Block, LayerScale
+    return (PatchEmbed, nn.Conv2d, nn.Identity, nn.Dropout, DropPath, nn.Sequential, nn.ModuleList, Block,
+            Attention, LayerScale, Mlp, nn.Linear) + _layer_norm_types()
+
+
+def _gpt2_module_types():
+    from transformers.models.gpt2.modeling_gpt2 import GPT2MLP, GPT2Attention, GPT2Block, GPT2Model
+    from transformers.pytorch_utils import Conv1D
+    return (GPT2Model, GPT2Block, GPT2Attention, GPT2MLP, Conv1D, nn.Embedding, nn.LayerNorm, nn.Dropout,
+            nn.ModuleList, nn.Linear)
+
+
+def _check_module_types(model, allowed):
+    """Every submodule is one of ``allowed`` (exact types: a subclass may override ``forward``) or,
+    under the name ``act``, an element-wise activation; else UnsupportedModelError naming it."""
+    for name, module in model.named_modules():
+        if not name or type(module) in allowed:
+            continue
+        if name.rsplit(".", 1)[-1] == "act":
+            _activation_name(module, name)
+            continue
+        raise UnsupportedModelError(f"{name} is a {type(module).__name__}: glmc_mini does not know this module "
+                                    f"inside a {type(model).__name__}, so it cannot transform it exactly")
+
+
 def _spec_vit(model):
     """timm ``VisionTransformer``: pre-norm blocks, class token or average pooling."""
     d = model.embed_dim
-    spec = Spec("vit")
+    spec = Spec("vit", invariant=("head.bias",))
     spec.add_space(Space("residual", "residual", d, ("perm", "orth")))
     R_out, R_in = _whole(d, ("residual", "out")), _whole(d, ("residual", "in"))
     _check_vit_top(model)
@@ -234,13 +310,15 @@ def _check_vit_top(model):
 
 
 def _vit_block(spec, prefix, blk, l, d, R_out, R_in):
-    if type(blk).__name__ != "Block":
+    from timm.models.vision_transformer import Block
+    if type(blk) is not Block:
         raise UnsupportedModelError(f"{prefix} is {type(blk).__name__}; only timm's pre-norm Block is supported "
                                     "(post-norm and parallel blocks have no residual orthogonal symmetry)")
     attn, mlp = blk.attn, blk.mlp
     _require_identity(f"{prefix}.attn", q_norm=getattr(attn, "q_norm", None), k_norm=getattr(attn, "k_norm", None),
                       norm=getattr(attn, "norm", None))
-    if type(mlp).__name__ != "Mlp":
+    from timm.layers import Mlp
+    if type(mlp) is not Mlp:
         raise UnsupportedModelError(f"{prefix}.mlp is {type(mlp).__name__}; only timm's Mlp (fc1, act, fc2)")
     _require_identity(f"{prefix}.mlp", norm=getattr(mlp, "norm", None))
     H = attn.num_heads
@@ -253,7 +331,7 @@ def _vit_block(spec, prefix, blk, l, d, R_out, R_in):
     for ls in ("ls1", "ls2"):
         if hasattr(getattr(blk, ls), "gamma"):
             spec.set_axis(f"{prefix}.{ls}.gamma", 0, 1, _whole(d, ("residual", "norm")))
-    act = _activation_name(mlp.act)
+    act = _activation_name(mlp.act, f"{prefix}.mlp.act")
     f = mlp.fc1.out_features
     ffn = spec.add_space(Space(f"ffn.{l}", "ffn", f, _ffn_classes(act), layer=l))
     _linear(spec, f"{prefix}.mlp.fc1", mlp.fc1, out_segments=_whole(f, (ffn, "out")), in_segments=R_in)
@@ -267,7 +345,16 @@ def _spec_gpt2(model):
     if getattr(cfg, "add_cross_attention", False):
         raise UnsupportedModelError("GPT-2 with cross-attention is not supported")
     d, H = cfg.n_embd, cfg.n_head
-    spec = Spec("gpt2", act="relu" if cfg.activation_function == "relu" else "gelu")
+    acts = {_activation_name(blk.mlp.act, f"transformer.h.{l}.mlp.act") for l, blk in enumerate(model.transformer.h)}
+    for l, blk in enumerate(model.transformer.h):
+        attn = blk.attn
+        if getattr(attn, "is_cross_attention", False) or attn.num_heads != H or getattr(attn, "pruned_heads", None) \
+                or attn.c_attn.weight.shape != (d, 3 * d) or attn.c_proj.weight.shape != (d, d):
+            raise UnsupportedModelError(f"transformer.h.{l}.attn is not the configured self-attention of {H} heads "
+                                        "of size n_embd / n_head (pruned heads or cross-attention)")
+    invariant = tuple(f"transformer.h.{l}.attn.{b}" for l in range(len(model.transformer.h))
+                      for b in ("bias", "masked_bias"))  # causal-mask buffers of older transformers
+    spec = Spec("gpt2", act="relu" if acts == {"relu"} else "gelu", invariant=invariant)
     spec.add_space(Space("residual", "residual", d, ("perm", "orth")))
     R_out, R_in = _whole(d, ("residual", "out")), _whole(d, ("residual", "in"))
     spec.set_axis("transformer.wte.weight", 1, 2, R_out)
@@ -293,22 +380,54 @@ def _spec_gpt2(model):
 def build_spec(model):
     """The :class:`Spec` of a stock model, derived from the instance (its modules and shapes).
 
-    Supports ``nn.Sequential`` MLPs, timm ``VisionTransformer`` and HF ``GPT2LMHeadModel``;
-    anything else raises :class:`UnsupportedModelError` naming the unsupported part.
+    Supports ``nn.Sequential`` MLPs (:func:`mlp_layers`), timm ``VisionTransformer`` and HF
+    ``GPT2LMHeadModel`` (the classes themselves, not subclasses). Coverage is checked, not assumed:
+    every submodule must be of a known type and every parameter and buffer must be placed on the
+    table's axes or listed as invariant (``Spec.invariant``); anything else raises
+    :class:`UnsupportedModelError` naming the unsupported part.
     """
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModelError(f"a {type(model).__name__} is not a model: expected a torch nn.Module")
     if getattr(model, "glmc_family", None) == "circuit":
-        return model.spec()
+        spec = model.spec()
+        return _check_coverage(model, spec)
     if isinstance(model, nn.Sequential):
-        return _spec_mlp(model)
+        return _check_coverage(model, _spec_mlp(model))
     try:
         from timm.models.vision_transformer import VisionTransformer
         if isinstance(model, VisionTransformer):
-            return _spec_vit(model)
+            spec = _check_coverage(model, _spec_vit(model))
+            _check_module_types(model, _vit_module_types())
+            return _exact_class(model, VisionTransformer, spec)
     except ImportError:  # pragma: no cover
         pass
     from transformers import GPT2LMHeadModel
     if isinstance(model, GPT2LMHeadModel):
-        return _spec_gpt2(model)
+        spec = _check_coverage(model, _spec_gpt2(model))
+        _check_module_types(model, _gpt2_module_types())
+        return _exact_class(model, GPT2LMHeadModel, spec)
     raise UnsupportedModelError(
         f"{type(model).__name__} is not supported: glmc_mini handles nn.Sequential MLPs, timm "
         "VisionTransformer and transformers GPT2LMHeadModel")
+
+
+def _check_coverage(model, spec):
+    """UnsupportedModelError naming every parameter / buffer the table neither places nor lists as invariant."""
+    placed = set(spec.axes) | set(spec.invariant)
+    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    names += [n for n, _ in model.named_buffers(remove_duplicate=False)]
+    missing = [n for n in names if n not in placed]
+    if missing:
+        shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+        raise UnsupportedModelError(f"{type(model).__name__} has parameters or buffers that glmc_mini's space table "
+                                    f"does not place: {shown}. No symmetry would transform them, so the result "
+                                    "would not compute the same function")
+    return spec
+
+
+def _exact_class(model, cls, spec):
+    if type(model) is not cls:
+        raise UnsupportedModelError(f"{type(model).__name__} is a subclass of {cls.__name__}: glmc_mini supports "
+                                    f"{cls.__name__} itself (a subclass may compute something its space table "
+                                    "does not describe)")
+    return spec

@@ -8,7 +8,7 @@ exposes two matrices that act *along a parameter axis*:
                                 (rectangular Orthogonal: sqrt(m/n) I_n, see 3.)
 
 For a square invertible T, ``in = T^-T``; for a permutation or orthogonal map, ``in = out``.
-The classes are nested, S1 ⊂ S2 ⊂ S3 ⊂ S4 (shared/paper.md):
+The classes are nested, S1 ⊂ S2 ⊂ S3 ⊂ S4:
 
 1. :class:`Permutation`: ``(P v)_i = v_perm[i]``. Exact wherever a nonlinearity acts element-wise.
 2. :class:`SemiPermutation`: target unit k copies source ``src[k]`` scaled by ``scale[k] > 0`` and
@@ -26,7 +26,7 @@ The classes are nested, S1 ⊂ S2 ⊂ S3 ⊂ S4 (shared/paper.md):
 
 Introduced in chapter 1 (permutations), extended in chapters 2-4.
 """
-import contextlib
+import concurrent.futures
 import copy
 import math
 
@@ -39,17 +39,34 @@ def _move(x, dim):
     return x.movedim(dim, 0)
 
 
-@contextlib.contextmanager
-def single_thread():
-    """Run small factorizations (per-head inverses, SVDs) on one CPU thread. They gain nothing from
-    torch's intra-op threads, and on a busy machine lose 100x or more to them (the threads wait on
-    each other at every LAPACK step: an SVD of 767 x 767 took 15 s on two threads, 0.14 s on one)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
+_SMALL_LINALG = None   # the worker thread of ``small_linalg``, started on first use
+
+
+def _one_torch_thread():
+    # Under OpenMP (every official x86 build) the intra-op thread count is per calling thread, so
+    # this worker's count does not touch the caller's; elsewhere it is process-wide: leave it.
+    if "OpenMP" in torch.__config__.parallel_info():
+        torch.set_num_threads(1)
+
+
+def small_linalg(fn, *args):
+    """``fn(*args)`` for a small factorization (per-head inverses, SVDs) of CPU tensors, run on a
+    worker thread that uses one torch thread. They gain nothing from intra-op threads and on a busy
+    machine lose 10-100x to them (the threads wait on each other at every LAPACK step: an SVD of
+    767 x 767 took 7.9 s on two threads, 0.17 s on one, on a loaded 2-core machine). The caller's
+    thread count is never changed; grad mode is the caller's. GPU tensors run in place."""
+    if any(torch.is_tensor(a) and a.device.type != "cpu" for a in args):
+        return fn(*args)
+    global _SMALL_LINALG
+    if _SMALL_LINALG is None:
+        _SMALL_LINALG = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="glmc-small-linalg", initializer=_one_torch_thread)
+    grad = torch.is_grad_enabled()
+
+    def run():
+        with torch.set_grad_enabled(grad):
+            return fn(*args)
+    return _SMALL_LINALG.submit(run).result()
 
 
 class Transform:
@@ -107,8 +124,8 @@ class Permutation(Transform):
         if self._matrix is not None:
             return self._matrix
         n = len(self.perm)
-        P = torch.zeros(n, n)
-        P[torch.arange(n), self.perm] = 1.0
+        P = torch.zeros(n, n, device=self.perm.device)
+        P[torch.arange(n, device=self.perm.device), self.perm] = 1.0
         return P
 
     in_matrix = norm_matrix = out_matrix
@@ -163,7 +180,8 @@ class SemiPermutation(Transform):
         self.src = torch.as_tensor(src, dtype=torch.long)
         m = len(self.src)
         self._n = int(n if n is not None else self.src.max() + 1)
-        self.scale = torch.ones(m) if scale is None else torch.as_tensor(scale, dtype=torch.float32)
+        self.scale = torch.ones(m, device=self.src.device) if scale is None else \
+            torch.as_tensor(scale, dtype=torch.float32)
         self.share = self._even_shares() if share is None else torch.as_tensor(share, dtype=torch.float32)
         self._check()
 
@@ -177,7 +195,8 @@ class SemiPermutation(Transform):
             raise ValueError(f"semi-permutation drops source units {torch.nonzero(counts == 0).flatten().tolist()}")
         if (self.scale <= 0).any() or (self.share < 0).any():
             raise ValueError("semi-permutation needs scale > 0 and share >= 0")
-        sums = torch.zeros(self._n).index_add_(0, self.src, self.share)
+        sums = torch.zeros(self._n, dtype=self.share.dtype, device=self.share.device).index_add_(
+            0, self.src.to(self.share.device), self.share)
         if not torch.allclose(sums, torch.ones_like(sums), atol=1e-5):
             raise ValueError(f"semi-permutation shares of a source must sum to 1 (worst {sums.sub(1).abs().max():.2e})")
 
@@ -190,8 +209,8 @@ class SemiPermutation(Transform):
         return len(self.src)
 
     def _sparse(self, values):
-        M = torch.zeros(self.m, self.n)
-        M[torch.arange(self.m), self.src] = values
+        M = torch.zeros(self.m, self.n, dtype=values.dtype, device=values.device)
+        M[torch.arange(self.m, device=values.device), self.src.to(values.device)] = values
         return M
 
     def out_matrix(self):
@@ -327,8 +346,7 @@ class Invertible(Transform):
 
     def inv_t(self):
         """A^-T per block, computed in float64."""
-        with single_thread():
-            return torch.linalg.inv(self.A.double()).transpose(-1, -2).to(self.A.dtype)
+        return small_linalg(torch.linalg.inv, self.A.double()).transpose(-1, -2).to(self.A.dtype)
 
     def apply(self, x, dim, role, unit=1, blocks=1):
         if role == "norm":
@@ -433,7 +451,7 @@ def _per_head(T, heads, name, inverse):
         return T
     order = _head_order(heads)
     if order is None:
-        if torch.equal(T.A, torch.eye(T.A.shape[-1], dtype=T.A.dtype).expand_as(T.A)):
+        if torch.equal(T.A, torch.eye(T.A.shape[-1], dtype=T.A.dtype, device=T.A.device).expand_as(T.A)):
             return T
         raise ValueError(f"cannot move the per-head maps of {name!r} across a head-splitting map")
     order = order.to(T.A.device)
@@ -577,11 +595,20 @@ def _resize_to(model, state):
             model.config.n_inner = f.pop()
 
 
+def empty_module(build, device=None, dtype=None):
+    """``build()`` without its random initialisation: made on the meta device, then given empty
+    storage on ``device`` in ``dtype``. Every caller loads the values afterwards, and the caller's
+    global RNG is not consumed (a fresh nn.Linear would draw its init from it)."""
+    with torch.device("meta"):
+        module = build()
+    return module.to_empty(device=device or "cpu").to(dtype=dtype)
+
+
 def _resized_module(old, w, name):
     if isinstance(old, torch.nn.Linear):
-        new = torch.nn.Linear(w.shape[1], w.shape[0], bias=old.bias is not None)
+        build = lambda: torch.nn.Linear(w.shape[1], w.shape[0], bias=old.bias is not None)
     elif type(old).__name__ == "Conv1D":
-        new = type(old)(w.shape[1], w.shape[0])
+        build = lambda: type(old)(w.shape[1], w.shape[0])
     else:
         raise UnsupportedModelError(f"cannot change the width of {name} ({type(old).__name__})")
-    return new.to(device=w.device, dtype=w.dtype)
+    return empty_module(build, w.device, w.dtype)

@@ -2,7 +2,7 @@
 
 Models of different widths cannot be interpolated directly. A narrow model (width d1, head size
 hd1 = d1 / H, FFN width f1) is re-expressed in the shapes of a wide one (d2, hd2 = d2 / H, f2)
-by maps of the symmetry classes that keep its function (shared/paper.md, "Beyond two models"):
+by maps of the symmetry classes that keep its function (Theus et al. 2025, "beyond two models"; chapter 5):
 
 - residual: a rectangular orthogonal E [d2, d1] with E u1 = u2 (u the normalised all-ones
   vectors), so 1-perp goes into 1-perp. Writers get s E with s = sqrt(d2 / d1): a centred x keeps

@@ -35,11 +35,12 @@ def mlp(seed=0, hidden=8):
 BUILD = {"vit": vit, "gpt2": gpt}
 
 
-def data_of(family, seed=0):
+def data_of(family, seed=0, n=2):
+    """``n`` batches (learned refinement holds the first out to choose its iterate, trains on the rest)."""
     g = torch.Generator().manual_seed(seed)
     if family == "gpt2":
-        return [torch.randint(0, 32, (4, 16), generator=g)]
-    return [(torch.randn(4, 1, 8, 8, generator=g), torch.randint(0, 10, (4,), generator=g))]
+        return [torch.randint(0, 32, (4, 16), generator=g) for _ in range(n)]
+    return [(torch.randn(4, 1, 8, 8, generator=g), torch.randint(0, 10, (4,), generator=g)) for _ in range(n)]
 
 
 def logits(model, data):
