@@ -66,6 +66,16 @@ def _validate(method, symmetries, data, form, steps=None, seed=0, lr=None):
     return symmetries
 
 
+def check_symmetries(spec, symmetries):
+    """ValueError if none of ``symmetries`` acts on any space of the model (e.g. "orth" on an MLP):
+    aligning would silently do nothing."""
+    from .matching import _updatable
+    if not _updatable(spec, symmetries):
+        acting = sorted({c for s in spec.spaces.values() for c in s.classes})
+        raise ValueError(f"none of the symmetry classes {tuple(symmetries)} acts on this {spec.family} model "
+                         f"(its spaces admit {tuple(acting)}): the alignment would leave model_b unchanged")
+
+
 def check_pair(model_a, model_b):
     """Both models supported and valid, and one architecture (``checks.check_pair``: configuration,
     modules, shapes, tying aside, device, dtype, finite values); ValueError / UnsupportedModelError
@@ -99,7 +109,10 @@ def align(model_a, model_b, method="weight", symmetries=("perm", "orth", "inv"),
     batches are held out to choose the returned iterate, the rest are trained on.
     """
     symmetries = _validate(method, symmetries, data, form, steps, seed, lr)
+    seed, steps = seed_value(seed), optional_positive_int(steps, "steps")  # plain ints (numpy ints too)
     spec = check_pair(model_a, model_b)
+    if method != "none":
+        check_symmetries(spec, symmetries)
     if data is not None and method in ("activation", "learned"):
         data = _check_first_batch(model_a, data)
     start = time.perf_counter()

@@ -30,10 +30,15 @@ def evaluate(model, data, device=None):
     models); the model's train/eval mode is restored. Each batch is checked first (labels, token
     ids, length: ``checks.check_batch``). Introduced in chapter 0.
     """
-    check_data(data)
+    check_data(data, required=True)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch nn.Module, got {type(model).__name__}")
-    if device is not None and torch.device(device) != _model_device(model):
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device {device!r} is not a torch device ({e})") from None
+    if device is not None and device != _model_device(model):
         model = copy.deepcopy(model).to(device)
     kind, was_training = model_kind(model), model.training
     total, count, correct = 0.0, 0, 0
@@ -102,6 +107,9 @@ class BarrierCurve:
     loss_b: float        # L(1)
 
 
+MAX_POINTS = 1001  # lambdas on the path; each is a full evaluation of the data
+
+
 def barrier_of(lambdas, values):
     """max_i values[i] - ((1 - lambdas[i]) values[0] + lambdas[i] values[-1]): height above the chord."""
     return max(v - ((1 - lam) * values[0] + lam * values[-1]) for lam, v in zip(lambdas, values))
@@ -116,8 +124,8 @@ def barrier(model_a, model_b, data, num_points=11, progress=False):
     Checks first that A and B are one architecture with finite weights (as :func:`interpolate`) and
     that ``num_points`` >= 2 (both endpoints). Introduced in chapter 0.
     """
-    num_points = positive_int(num_points, "num_points", minimum=2)
-    check_data(data)
+    num_points = positive_int(num_points, "num_points", minimum=2, maximum=MAX_POINTS)
+    check_data(data, required=True)
     _check_compatible(model_a, model_b)
     if iter(data) is data:
         data = list(data)

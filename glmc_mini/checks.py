@@ -39,7 +39,8 @@ _CONFIG_IGNORED = {
 # module attributes that do not change the function in eval mode (dropout rates, kernels, caches)
 _ATTR_IGNORED = {"training", "p", "inplace", "drop_prob", "scale_by_keep", "fused_attn", "grad_checkpointing",
                  "gradient_checkpointing", "feature_info", "weight_init_mode", "fix_init", "config",
-                 "reorder_and_upcast_attn"}
+                 "reorder_and_upcast_attn",
+                 "all_tied_weights_keys"}  # transformers' record of tying: compared by _tied_groups where it matters
 
 
 # --------------------------------------------------------------------------- arguments
@@ -48,12 +49,16 @@ def _is_int(x):
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
-def positive_int(value, name, minimum=1):
-    """``value`` as an int >= ``minimum``; TypeError / ValueError naming ``name`` otherwise."""
+def positive_int(value, name, minimum=1, maximum=None):
+    """``value`` as an int >= ``minimum`` (and <= ``maximum``); TypeError / ValueError naming ``name`` otherwise."""
+    if torch.is_tensor(value) and value.numel() == 1 and not value.is_floating_point():
+        value = value.item()
     if not _is_int(value):
         raise TypeError(f"{name} must be an integer >= {minimum}, got {value!r} ({type(value).__name__})")
     if value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be an integer <= {maximum}, got {value}")
     return int(value)
 
 
@@ -78,7 +83,8 @@ def real(value, name, low=None, high=None, open_low=False):
 
 
 def seed_value(seed, name="seed"):
-    return positive_int(seed, name, minimum=0)
+    """A seed: an int in [0, 2**63 - 1] (what torch, numpy and random all take), as a Python int."""
+    return positive_int(seed, name, minimum=0, maximum=2 ** 63 - 1)
 
 
 def choice(value, name, options):
@@ -155,11 +161,19 @@ def _attributes(module):
     return out
 
 
+def _short(value):
+    if torch.is_tensor(value):
+        return f"a tensor of shape {tuple(value.shape)}"
+    if isinstance(value, nn.Module):
+        return f"a {type(value).__name__}"
+    return value
+
+
 def _first_attribute_difference(module_a, module_b):
     ta, tb = _attributes(module_a), _attributes(module_b)
     for key in list(ta) + [k for k in tb if k not in ta]:
         if ta.get(key) != tb.get(key):
-            return key, getattr(module_a, key, "(absent)"), getattr(module_b, key, "(absent)")
+            return key, _short(getattr(module_a, key, "(absent)")), _short(getattr(module_b, key, "(absent)"))
     return None
 
 
@@ -281,18 +295,60 @@ def split_batch(batch, kind):
     if kind == "classification":
         if y is None:
             raise ValueError("a classifier's batch must be (x, y): this one has no labels y")
-        if not torch.is_tensor(y) or y.is_floating_point() or y.dim() != 1 or y.shape[0] != x.shape[0]:
+        if not torch.is_tensor(y) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool \
+                or y.dim() != 1 or y.shape[0] != x.shape[0]:
             shape = tuple(y.shape) if torch.is_tensor(y) else type(y).__name__
             raise ValueError(f"labels y must be integer class indices of shape [B] = [{x.shape[0]}], got {shape}"
                              + (f" {y.dtype}" if torch.is_tensor(y) else ""))
     return x, y
 
 
+def _common_problem(x, y):
+    for what, t in (("inputs x", x), ("labels y", y)):
+        if torch.is_tensor(t) and t.is_meta:
+            return f"the batch's {what} are on the meta device: they hold no values"
+    if x.dim() == 0 or x.shape[0] == 0:
+        return f"a batch with no examples (inputs of shape {tuple(x.shape)})"
+    return None
+
+
+def _input_problem(model, x):
+    """Why classifier inputs ``x`` do not fit ``model`` (dtype, finiteness, shape), or None."""
+    if not x.is_floating_point():
+        return f"a classifier's inputs x must be floating point, got {x.dtype}"
+    if not bool(torch.isfinite(x).all()):
+        return "the batch's inputs x have non-finite values (nan or inf)"
+    embed = getattr(model, "patch_embed", None)
+    proj = getattr(embed, "proj", None)
+    if isinstance(proj, nn.Conv2d):  # timm VisionTransformer
+        if x.dim() != 4 or x.shape[1] != proj.in_channels:
+            return f"images must be [B, {proj.in_channels}, H, W], got {tuple(x.shape)}"
+        size = getattr(embed, "img_size", None)
+        strict = getattr(embed, "strict_img_size", False) and not getattr(embed, "dynamic_img_pad", False)
+        if strict and not getattr(model, "dynamic_img_size", False) and size and tuple(x.shape[2:]) != tuple(size):
+            return f"images must be {tuple(size)} pixels for this model, got {tuple(x.shape[2:])}"
+    if isinstance(model, nn.Sequential):
+        linears = [m for m in model if isinstance(m, nn.Linear)]
+        flat = type(model[0]) is nn.Flatten
+        n = int(x[0].numel()) if flat and model[0].start_dim == 1 and model[0].end_dim == -1 else x.shape[-1]
+        if linears and n != linears[0].in_features:
+            return (f"inputs of shape {tuple(x.shape)} give {n} features; the MLP's first Linear takes "
+                    f"{linears[0].in_features}")
+    return None
+
+
 def check_batch(model, batch, kind):
-    """(x, y) of ``batch`` after checking it fits ``model``: form, token ids, sequence length."""
+    """(x, y) of ``batch`` after checking it fits ``model``: form, dtypes, shapes, finite inputs,
+    token ids, sequence length. Integer labels and token ids come back as int64."""
     x, y = split_batch(batch, kind)
+    problem = _common_problem(x, y)
+    if problem:
+        raise ValueError(problem)
     if kind != "language":
-        return x, y
+        problem = _input_problem(model, x)
+        if problem:
+            raise ValueError(problem)
+        return x, (y.long() if torch.is_tensor(y) else y)
     if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool or x.dim() != 2:
         raise ValueError(f"a language model's batch must be token ids of shape [B, T] (integers), got "
                          f"{tuple(x.shape)} {x.dtype}")
@@ -305,12 +361,14 @@ def check_batch(model, batch, kind):
     if x.numel() and (int(x.min()) < 0 or (vocab is not None and int(x.max()) >= vocab)):
         raise ValueError(f"token ids must lie in [0, vocab_size = {vocab}), got ids from {int(x.min())} to "
                          f"{int(x.max())}")
-    return x, y
+    return x.long(), y
 
 
-def check_data(data, name="data"):
-    """``data`` is an iterable of batches (not None, not a tensor or a single batch)."""
+def check_data(data, name="data", required=False):
+    """``data`` is an iterable of batches (not a tensor or a single batch); None only if not ``required``."""
     if data is None:
+        if required:
+            raise TypeError(f"{name} is None: give an iterable of batches, e.g. a DataLoader or a list of (x, y)")
         return None
     if torch.is_tensor(data) or isinstance(data, (str, bytes, dict)):
         raise TypeError(f"{name} must be an iterable of batches (e.g. a DataLoader or a list of (x, y)), got a "

@@ -26,6 +26,7 @@ with any head count per layer (:func:`split_heads`). Interpolating two such mode
 state-dict-wise is the paper's merge in circuit form. Introduced in chapter 4.
 """
 import copy
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -401,7 +402,7 @@ def _attention_layer(factors, proj_bias, H, scale, causal, form, d):
 
 def _bias_of(norm):
     b = getattr(norm, "bias", None)
-    return torch.zeros_like(norm.weight) if b is None else b
+    return torch.zeros(norm.normalized_shape) if b is None else b  # no bias (or no affine): zeros
 
 
 def _block(attn, norm1, norm2, fc1, act, fc2, eps):
@@ -551,20 +552,25 @@ def random_head_split(H, m, generator=None):
 def _head_transforms(model, counts_or_transforms, seed):
     """{f"heads.{l}": SemiPermutation} from an int (every layer), a list (per layer) or a dict
     {layer (int or "heads.l"): int or SemiPermutation}."""
+    from .checks import positive_int, seed_value
     L = len(model.blocks)
     spec = counts_or_transforms
-    if isinstance(spec, int):
+    if isinstance(spec, numbers.Integral) and not isinstance(spec, bool):
         spec = {l: spec for l in range(L)}
     elif isinstance(spec, (list, tuple)):
         spec = dict(enumerate(spec))
-    g = torch.Generator().manual_seed(seed)
+    if not isinstance(spec, dict):
+        raise TypeError(f"split_heads takes a head count (int), a list of them per layer or a dict {{layer: count "
+                        f"or SemiPermutation}}, got {counts_or_transforms!r} ({type(counts_or_transforms).__name__})")
+    g = torch.Generator().manual_seed(seed_value(seed))
     out = {}
     for key, val in spec.items():
         l = int(key.split(".")[-1]) if isinstance(key, str) else int(key)
         if not 0 <= l < L:
             raise ValueError(f"layer {l} out of range: the model has {L} layers")
         H = model.blocks[l].attn.num_heads
-        T = val if isinstance(val, SemiPermutation) else random_head_split(H, int(val), g)
+        T = val if isinstance(val, SemiPermutation) else \
+            random_head_split(H, positive_int(val, f"the head count of layer {l}"), g)
         if T.n != H:
             raise ValueError(f"the split of layer {l} acts on {T.n} heads; the layer has {H}")
         out[f"heads.{l}"] = T
@@ -580,6 +586,8 @@ def split_heads(model, counts_or_transforms, seed=0):
     counts_or_transforms: an int target head count for every layer, a per-layer list, or a dict
     {layer: int | SemiPermutation over that layer's heads}; ints draw seeded random splits.
     """
+    from .checks import seed_value
+    seed_value(seed)
     if not isinstance(model, CircuitTransformer):
         model = to_circuit(model)
     return apply_transforms(model, _head_transforms(model, counts_or_transforms, seed))

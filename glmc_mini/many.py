@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from .align import _check_first_batch, _validate, check_pair
-from .checks import positive_int, real
+from .align import _check_first_batch, _validate, check_pair, check_symmetries
+from .checks import check_data, optional_positive_int, positive_int, real, seed_value
 from .barrier import _check_compatible, evaluate
 from .canonical import canonicalize
 from .spaces import build_spec
@@ -80,8 +80,7 @@ def simplex_grid(n):
     Rows (i, j, n - 1 - i - j) / (n - 1) for i, j >= 0: the weights of models A, B, C; corners
     and edge midpoints (n odd) are on the grid. Introduced in chapter 5.
     """
-    if n < 2:
-        raise ValueError(f"a simplex grid needs at least 2 points per edge, got {n}")
+    n = positive_int(n, "n (points per edge of the simplex grid)", minimum=2, maximum=101)
     rows = [(i, j, n - 1 - i - j) for i in range(n) for j in range(n - i)]
     return torch.tensor(rows, dtype=torch.float64).div(n - 1).float()
 
@@ -94,6 +93,7 @@ def simplex_losses(models, data, n=7, progress=False):
     """
     if len(models) != 3:
         raise ValueError(f"the simplex plot takes three models, got {len(models)}")
+    check_data(data, required=True)
     if iter(data) is data:
         data = list(data)
     points = simplex_grid(n)
@@ -195,6 +195,7 @@ def align_many(models, method="weight", symmetries=("perm", "orth", "inv"), data
     if method not in ("weight", "learned"):
         raise ValueError(f"unknown method {method!r} for several models; choose 'weight' or 'learned'")
     symmetries = _validate(method, symmetries, data, "stock", steps, seed, lr)
+    seed, steps = seed_value(seed), optional_positive_int(steps, "steps")
     if isinstance(models, torch.nn.Module):
         raise TypeError("align_many takes a list of models, got a single model")
     models = list(models)
@@ -204,7 +205,8 @@ def align_many(models, method="weight", symmetries=("perm", "orth", "inv"), data
     concentration = real(concentration, "concentration", low=0.0, open_low=True)
     tol, lr_perm = real(tol, "tol", low=0.0), real(lr_perm, "lr_perm", low=0.0, open_low=True)
     for model in models[1:]:
-        check_pair(models[0], model)
+        spec = check_pair(models[0], model)
+    check_symmetries(spec, symmetries)
     if method == "learned":
         data = _check_first_batch(models[0], data)
     start = time.perf_counter()

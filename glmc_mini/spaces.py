@@ -60,6 +60,7 @@ class Spec:
     axes: dict = field(default_factory=dict)
     act: str = "gelu"  # the FFN nonlinearity ("relu" admits semi-permutations)
     invariant: tuple = ()  # parameters and buffers no symmetry acts on (output biases, constant masks)
+    tied: tuple = ()  # groups of names allowed to share one tensor (GPT-2's wte / lm_head), sorted tuples
 
     def add_space(self, space):
         self.spaces[space.name] = space
@@ -354,7 +355,8 @@ def _spec_gpt2(model):
                                         "of size n_embd / n_head (pruned heads or cross-attention)")
     invariant = tuple(f"transformer.h.{l}.attn.{b}" for l in range(len(model.transformer.h))
                       for b in ("bias", "masked_bias"))  # causal-mask buffers of older transformers
-    spec = Spec("gpt2", act="relu" if acts == {"relu"} else "gelu", invariant=invariant)
+    spec = Spec("gpt2", act="relu" if acts == {"relu"} else "gelu", invariant=invariant,
+                tied=(("lm_head.weight", "transformer.wte.weight"),))  # canonicalize unties them
     spec.add_space(Space("residual", "residual", d, ("perm", "orth")))
     R_out, R_in = _whole(d, ("residual", "out")), _whole(d, ("residual", "in"))
     spec.set_axis("transformer.wte.weight", 1, 2, R_out)
@@ -412,7 +414,19 @@ def build_spec(model):
 
 
 def _check_coverage(model, spec):
-    """UnsupportedModelError naming every parameter / buffer the table neither places nor lists as invariant."""
+    """UnsupportedModelError naming every parameter / buffer the table neither places nor lists as
+    invariant, any tensor shared between places the table does not expect to be tied (a module or
+    weight used twice would get two transforms), and any forward hook (a hook may compute anything,
+    and the transformed or circuit model would run it on transformed values, or not at all)."""
+    _check_hooks(model)
+    groups = {}
+    for name, t in _named_state(model):
+        groups.setdefault(id(t), []).append(name)
+    for names in groups.values():
+        if len(names) > 1 and tuple(sorted(names)) not in spec.tied:
+            raise UnsupportedModelError(f"{type(model).__name__} shares one tensor between {', '.join(names)} (a "
+                                        "module or weight used in two places): each place would get its own "
+                                        "transform, so glmc_mini cannot transform it exactly; give each its own copy")
     placed = set(spec.axes) | set(spec.invariant)
     names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
     names += [n for n, _ in model.named_buffers(remove_duplicate=False)]
@@ -423,6 +437,23 @@ def _check_coverage(model, spec):
                                     f"does not place: {shown}. No symmetry would transform them, so the result "
                                     "would not compute the same function")
     return spec
+
+
+def _named_state(model):
+    return list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks")
+
+
+def _check_hooks(model):
+    for name, module in model.named_modules():
+        for attr in _HOOK_DICTS:
+            if getattr(module, attr, None):
+                kind = "forward pre-hook" if "pre" in attr else "forward hook"
+                raise UnsupportedModelError(f"{name or type(model).__name__} has a {kind}: a hook may change what the "
+                                            "module computes, and glmc_mini cannot transform it exactly; remove it "
+                                            "(handle.remove()) before aligning, merging or converting")
 
 
 def _exact_class(model, cls, spec):

@@ -38,6 +38,8 @@ def residual_embedding(d1, d2, seed=None):
     else a Haar-random such map (seeded).
     """
     if seed is not None:
+        from .checks import seed_value
+        seed = seed_value(seed)
         return Orthogonal.random(d1, d2, generator=torch.Generator().manual_seed(seed))
     Q1, Q2 = ones_complement(d1), ones_complement(d2)
     E = Q2[:, :d1 - 1] @ Q1.T + torch.ones(d2, d1, dtype=torch.float64) / math.sqrt(d1 * d2)
@@ -174,6 +176,9 @@ def embed_wider(narrow, wide_like, seed=None):
     Returns the embedded model in canonical form (module docstring: s E, W E^T / s, s E b, zero
     padding, queries scaled by sqrt(hd2 / hd1)). Introduced in chapter 5.
     """
+    if seed is not None:
+        from .checks import seed_value
+        seed_value(seed)
     spec_n, spec_w = build_spec(narrow), build_spec(wide_like)
     _check(narrow, wide_like, spec_n, spec_w)
     d1, d2 = spec_n.spaces["residual"].size, spec_w.spaces["residual"].size

@@ -480,3 +480,219 @@ def test_an_invalid_profile_does_not_break_import_or_help():
 def test_describe_profile_describes_the_profile_it_is_given():
     assert "256" in gm.describe_profile("vit-digits", profile="paper")
     assert "width 32" in gm.describe_profile("vit-digits", profile="quick")
+
+
+# --------------------------------------------------------------------------- variants (a second, demanding pass)
+
+def _hooked(model, where, pre=False):
+    module = model.get_submodule(where) if where else model
+    if pre:
+        module.register_forward_pre_hook(lambda mod, args: (args[0] * 2,) + tuple(args[1:]))
+    else:
+        module.register_forward_hook(lambda mod, args, out: out * 2 if torch.is_tensor(out) else out)
+    return model
+
+
+def _shared(model, blocks):
+    blocks = model.get_submodule(blocks)
+    blocks[1] = blocks[0]
+    return model
+
+
+MORE_UNSUPPORTED = [
+    ("vit-forward-hook", lambda: _hooked(vit(), "blocks.0.mlp"), "blocks.0.mlp has a forward hook"),
+    ("vit-pre-hook", lambda: _hooked(vit(), "", pre=True), "VisionTransformer has a forward pre-hook"),
+    ("gpt-forward-hook", lambda: _hooked(gpt(), "transformer.h.0.mlp"), "transformer.h.0.mlp has a forward hook"),
+    ("mlp-forward-hook", lambda: _hooked(mlp(), "1"), "1 has a forward hook"),
+    ("vit-shared-blocks", lambda: _shared(vit(depth=2), "blocks"), "shares one tensor between blocks.0"),
+    ("gpt-shared-blocks", lambda: _shared(gpt(n_layer=2), "transformer.h"), "shares one tensor between transformer.h.0"),
+    ("mlp-shared-linear", lambda: (lambda l: nn.Sequential(nn.Linear(8, 8), nn.ReLU(), l, nn.ReLU(), l))(nn.Linear(8, 8)),
+     "shares one tensor between 2.weight, 4.weight"),
+    ("vit-norm-pre", lambda: vit(pre_norm=True), "norm_pre"),
+    ("vit-max-pool", lambda: vit(global_pool="max"), "global_pool='max'"),
+    ("vit-rmsnorm", lambda: vit(norm_layer=nn.RMSNorm), "RMSNorm"),
+    ("vit-no-head", lambda: vit(num_classes=0), "num_classes=0"),
+    ("deit-distilled-config", lambda: _distilled(), "head_dist.bias"),
+    ("gpt-lm-head-bias", lambda: _with(gpt(), "lm_head", nn.Linear(16, 32)), "lm_head.bias"),
+    ("mlp-weight-norm", lambda: (lambda m: (torch.nn.utils.parametrizations.weight_norm(m[1]), m)[1])(mlp()),
+     "ParametrizedLinear at 1"),
+    ("mlp-batchnorm", lambda: nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2)),
+     "BatchNorm1d at 1"),
+    ("mlp-nested", lambda: nn.Sequential(nn.Sequential(nn.Linear(4, 8), nn.ReLU()), nn.Linear(8, 2)), "Sequential at 0"),
+    ("mlp-log-softmax", lambda: nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2), nn.LogSoftmax(-1)),
+     "LogSoftmax at 3"),
+    ("mlp-threshold", lambda: nn.Sequential(nn.Linear(4, 8), nn.Threshold(0.1, 0.0), nn.Linear(8, 2)), "Threshold at 1"),
+    ("gpt-double-heads", lambda: __import__("transformers").GPT2DoubleHeadsModel(gpt().config), "GPT2DoubleHeadsModel"),
+    ("gpt-base-model", lambda: __import__("transformers").GPT2Model(gpt().config), "GPT2Model"),
+    ("vit-compiled", lambda: torch.compile(vit()), "OptimizedModule"),
+    ("vit-data-parallel", lambda: nn.DataParallel(vit()), "DataParallel"),
+]
+
+
+@pytest.mark.parametrize("build,name", [c[1:] for c in MORE_UNSUPPORTED], ids=[c[0] for c in MORE_UNSUPPORTED])
+def test_more_unsupported_models_are_refused_by_name(build, name):
+    model = build()
+    raises(TypeError, re.escape(name), lambda: gm.align(model, copy.deepcopy(model), progress=False))
+    if not isinstance(model, (nn.DataParallel,)) and type(model).__name__ not in ("OptimizedModule", "GPT2Model",
+                                                                                    "GPT2DoubleHeadsModel"):
+        raises(UnsupportedModelError, re.escape(name), lambda: gm.canonicalize(model))
+
+
+def test_hooks_are_refused_by_every_converting_entry_point():
+    model = _hooked(gpt(), "transformer.h.0")
+    for call in (lambda: gm.to_circuit(model), lambda: gm.embed_wider(model, gpt(1, n_embd=32)),
+                 lambda: gm.align_many([model, gpt(1)], progress=False)):
+        raises(UnsupportedModelError, "forward hook", call)
+
+
+MORE_PAIRS = [
+    ("gpt-vocab", lambda: (gpt(), gpt(1, vocab_size=40)), "config.vocab_size: 32 vs 40"),
+    ("gpt-positions", lambda: (gpt(), gpt(1, n_positions=12)), "config.n_positions: 16 vs 12"),
+    ("gpt-gelu-vs-gelu-new", lambda: (gpt(activation_function="gelu"), gpt(1)), "activation_function"),
+    ("gpt-n-inner", lambda: (gpt(n_inner=24), gpt(1, n_inner=48)), "config.n_inner: 24 vs 48"),
+    ("gpt-eps-one-module", lambda: (gpt(), (lambda m: (setattr(m.transformer.h[0].ln_1, "eps", 1e-2), m)[1])(gpt(1))),
+     "transformer.h.0.ln_1.eps"),
+    ("vit-reg-tokens", lambda: (vit(), vit(1, reg_tokens=1)), "num_prefix_tokens"),
+    ("vit-layer-scale", lambda: (vit(), vit(1, init_values=0.5)), "blocks.0.ls1.gamma"),
+    ("vit-qkv-bias", lambda: (vit(), vit(1, qkv_bias=False)), "blocks.0.attn.qkv.bias"),
+    ("vit-dynamic", lambda: (vit(), vit(1, dynamic_img_size=True)), "dynamic_img_size"),
+    ("vit-no-embed-class", lambda: (vit(), vit(1, no_embed_class=True)), "no_embed_class"),
+    ("vit-pos-none", lambda: (vit(), vit(1, pos_embed="none")), "pos_embed: 'a tensor of shape (1, 5, 16)' vs None"),
+    ("vit-heads", lambda: (vit(), vit(1, num_heads=4)), "blocks.0.attn.num_heads: 2 vs 4"),
+    ("vit-mlp-ratio", lambda: (vit(), vit(1, mlp_ratio=3)), "blocks.0.mlp.fc1.weight"),
+    ("vit-img-size", lambda: (vit(), vit(1, img_size=12)), "pos_embed"),
+    ("mlp-leaky-slope", lambda: (nn.Sequential(nn.Linear(64, 8), nn.LeakyReLU(0.1), nn.Linear(8, 3)),
+                                 nn.Sequential(nn.Linear(64, 8), nn.LeakyReLU(0.2), nn.Linear(8, 3))), "negative_slope"),
+    ("mlp-dropout-vs-identity", lambda: (nn.Sequential(nn.Linear(64, 8), nn.ReLU(), nn.Dropout(), nn.Linear(8, 3)),
+                                         nn.Sequential(nn.Linear(64, 8), nn.ReLU(), nn.Identity(), nn.Linear(8, 3))),
+     "module 2 is a torch.nn.modules.dropout.Dropout"),
+    ("mlp-final-tanh", lambda: (nn.Sequential(nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 3)),
+                                nn.Sequential(nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 3), nn.Tanh())),
+     "module 3 is in model_b only"),
+    ("mlp-flatten-dims", lambda: (mlp(), _with(mlp(1), "0", nn.Flatten(0))), "0.start_dim: 1 vs 0"),
+]
+
+
+@pytest.mark.parametrize("make,name", [c[1:] for c in MORE_PAIRS], ids=[c[0] for c in MORE_PAIRS])
+def test_more_pairs_that_differ_are_refused_by_name(make, name):
+    A, B = make()
+    raises(ValueError, re.escape(name), lambda: gm.align(A, B, progress=False))
+    raises(ValueError, re.escape(name), lambda: gm.interpolate(A, B, 0.5))
+
+
+def test_tied_and_untied_gpt2_are_one_architecture_for_align():
+    A, B = gpt(), gpt(1, tie_word_embeddings=False)
+    x = tok_batches(1)[0]
+    res = gm.align(A, B, progress=False)
+    assert torch.allclose(res.model_b(x).logits, B(x).logits, atol=1e-5)
+    raises(ValueError, "tying differs", lambda: gm.interpolate(A, B, 0.5))  # raw models: tying is part of the class
+
+
+MORE_DATA = [
+    ("mlp-int-images", mlp, [(torch.randint(0, 3, (4, 64)), torch.zeros(4, dtype=torch.long))], "floating point"),
+    ("mlp-features", mlp, [(torch.randn(4, 63), torch.zeros(4, dtype=torch.long))], "the MLP's first Linear takes 64"),
+    ("mlp-nan-inputs", mlp, [(torch.full((4, 64), float("nan")), torch.zeros(4, dtype=torch.long))], "non-finite"),
+    ("mlp-empty-batch", mlp, [(torch.randn(0, 64), torch.zeros(0, dtype=torch.long))], "no examples"),
+    ("mlp-bool-labels", mlp, [(torch.randn(4, 64), torch.zeros(4, dtype=torch.bool))], "torch.bool"),
+    ("mlp-meta-inputs", mlp, [(torch.randn(4, 64, device="meta"), torch.zeros(4, dtype=torch.long))], "meta device"),
+    ("vit-channels", vit, [(torch.randn(2, 3, 8, 8), torch.zeros(2, dtype=torch.long))], "[B, 1, H, W]"),
+    ("vit-image-size", vit, [(torch.randn(2, 1, 16, 16), torch.zeros(2, dtype=torch.long))], "(8, 8) pixels"),
+    ("vit-negative-label", vit, [(torch.randn(2, 1, 8, 8), torch.full((2,), -1))], "labels must lie in [0, 3)"),
+    ("gpt-empty-batch", gpt, [torch.zeros(0, 8, dtype=torch.long)], "no examples"),
+]
+
+
+@pytest.mark.parametrize("build,data,name", [c[1:] for c in MORE_DATA], ids=[c[0] for c in MORE_DATA])
+def test_more_bad_batches_are_named(build, data, name):
+    A = build()
+    raises(ValueError, re.escape(name), lambda: gm.evaluate(A, data))
+    raises(ValueError, re.escape(name), lambda: gm.barrier(A, build(1), data, num_points=2))
+    raises(ValueError, re.escape(name), lambda: gm.align(A, build(1), method="activation", data=data, progress=False))
+
+
+def test_integer_token_ids_and_labels_of_any_int_dtype_are_accepted():
+    A, x = gpt(), tok_batches(1)[0]
+    ref = gm.evaluate(A, [x])["loss"]
+    for dtype in (torch.int32, torch.int16, torch.uint8):
+        assert gm.evaluate(A, [x.to(dtype)])["loss"] == pytest.approx(ref)
+    (xi, yi), = img_batches(1)
+    assert gm.evaluate(vit(), [(xi, yi.int())])["loss"] == pytest.approx(gm.evaluate(vit(), [(xi, yi)])["loss"])
+
+
+MORE_ARGS = [
+    ("barrier-data-none", lambda: gm.barrier(mlp(), mlp(1), None), TypeError, "data is None"),
+    ("evaluate-data-none", lambda: gm.evaluate(mlp(), None), TypeError, "data is None"),
+    ("simplex-data-none", lambda: gm.simplex_losses([mlp(), mlp(1), mlp(2)], None), TypeError, "data is None"),
+    ("barrier-huge-num-points", lambda: gm.barrier(mlp(), mlp(1), mlp_batches(1), num_points=10 ** 9), ValueError,
+     "num_points must be an integer <= 1001"),
+    ("barrier-num-points-float", lambda: gm.barrier(mlp(), mlp(1), mlp_batches(1), num_points=3.0), TypeError,
+     "num_points"),
+    ("evaluate-bad-device", lambda: gm.evaluate(mlp(), mlp_batches(1), device="nodev"), ValueError, "'nodev'"),
+    ("align-seed-huge", lambda: gm.align(mlp(), mlp(1), seed=2 ** 70, progress=False), ValueError, "seed"),
+    ("align-orth-on-mlp", lambda: gm.align(mlp(), mlp(1), symmetries=("orth",), progress=False), ValueError,
+     "none of the symmetry classes ('orth',)"),
+    ("align-inv-on-mlp", lambda: gm.align(mlp(), mlp(1), symmetries="inv", progress=False), ValueError,
+     "acts on this mlp model"),
+    ("align-many-orth-on-mlp", lambda: gm.align_many([mlp(), mlp(1)], symmetries=("orth",), progress=False),
+     ValueError, "none of the symmetry classes"),
+    ("split-heads-float", lambda: gm.split_heads(gpt(), 2.5), TypeError, "head count"),
+    ("split-heads-str", lambda: gm.split_heads(gpt(), "4"), TypeError, "head count"),
+    ("split-heads-zero", lambda: gm.split_heads(gpt(), 0), ValueError, "head count of layer 0"),
+    ("split-heads-bad-seed", lambda: gm.split_heads(gpt(), 4, seed=-1), ValueError, "seed"),
+    ("embed-wider-float-seed", lambda: gm.embed_wider(gpt(), gpt(1, n_embd=32), seed=1.5), TypeError, "seed"),
+    ("embed-wider-negative-seed", lambda: gm.embed_wider(gpt(), gpt(1, n_embd=32), seed=-1), ValueError, "seed"),
+    ("simplex-n-float", lambda: gm.simplex_grid(2.5), TypeError, "points per edge"),
+    ("interpolate-t-vector", lambda: gm.interpolate(mlp(), mlp(1), torch.tensor([0.5, 0.5])), TypeError, "real number"),
+    ("interpolate-t-complex", lambda: gm.interpolate(mlp(), mlp(1), 0.5j), TypeError, "real number"),
+    ("interpolate-inf-extrapolated", lambda: gm.interpolate(mlp(), mlp(1), float("inf"), extrapolate=True), ValueError,
+     "finite"),
+]
+
+
+@pytest.mark.parametrize("call,err,name", [c[1:] for c in MORE_ARGS], ids=[c[0] for c in MORE_ARGS])
+def test_more_arguments_are_checked(call, err, name):
+    raises(err, re.escape(name), call)
+
+
+def test_numpy_and_tensor_scalars_are_accepted_as_numbers():
+    import numpy as np
+    A, B = mlp(), mlp(1)
+    ref = gm.align(A, B, seed=1, progress=False)
+    res = gm.align(A, B, seed=np.int64(1), progress=False)
+    assert all(torch.equal(p, q) for p, q in zip(ref.model_b.parameters(), res.model_b.parameters()))
+    for t in (np.float64(0.25), np.float32(0.25), torch.tensor(0.25), 0):
+        gm.interpolate(A, B, t)
+    assert len(gm.barrier(A, B, mlp_batches(1), num_points=np.int64(3)).lambdas) == 3
+
+
+ACCEPTED_VARIANTS = [
+    ("vit-avg-no-class-token", lambda s: vit(s, global_pool="avg", class_token=False)),
+    ("vit-reg-tokens", lambda s: vit(s, reg_tokens=2)),
+    ("vit-no-embed-class", lambda s: vit(s, no_embed_class=True)),
+    ("vit-layer-scale", lambda s: vit(s, init_values=0.5)),
+    ("vit-no-qkv-bias", lambda s: vit(s, qkv_bias=False)),
+    ("vit-fc-norm", lambda s: vit(s, global_pool="avg", fc_norm=True)),
+    ("vit-pos-none", lambda s: vit(s, pos_embed="none")),
+    ("vit-silu-one-head", lambda s: vit(s, act_layer=nn.SiLU, num_heads=1)),
+    ("vit-norm-without-affine", lambda s: vit(s, norm_layer=functools.partial(nn.LayerNorm, elementwise_affine=False))),
+    ("vit-norm-without-bias", lambda s: vit(s, norm_layer=functools.partial(nn.LayerNorm, bias=False))),
+    ("gpt-untied", lambda s: gpt(s, tie_word_embeddings=False)),
+    ("gpt-silu-n-inner", lambda s: gpt(s, activation_function="silu", n_inner=24)),
+    ("gpt-inverse-layer-idx-no-scale", lambda s: gpt(s, n_layer=2, scale_attn_by_inverse_layer_idx=True,
+                                                     scale_attn_weights=False)),
+    ("gpt-eps-sdpa", lambda s: gpt(s, layer_norm_epsilon=1e-3, attn_implementation="sdpa")),
+]
+
+
+@pytest.mark.parametrize("make", [c[1] for c in ACCEPTED_VARIANTS], ids=[c[0] for c in ACCEPTED_VARIANTS])
+def test_accepted_variants_keep_their_function_in_stock_and_circuit_form(make):
+    A, B = make(0), make(1)
+    x = tok_batches(1)[0] if gm.model_family(A) == "gpt2" else img_batches(1)[0][0]
+    out = lambda m: gm.forward_logits(m, x)
+    with torch.no_grad():
+        ya, yb = out(A), out(B)
+        for form in ("stock", "circuit"):
+            res = gm.align(A, B, form=form, progress=False)
+            torch.testing.assert_close(out(res.model_a), ya, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(out(res.model_b), yb, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(out(gm.interpolate(res.model_a, res.model_b, 1)), yb, atol=1e-5, rtol=1e-4)
