@@ -15,6 +15,7 @@ Usage (about 3-4 minutes per run on 2 cores, endpoints trained once per offset a
 
     python benchmarks/claims.py --offsets 1 2 3 4 5 6 --threads 1 2 --jobs 2
     python benchmarks/claims.py --notebooks notebooks/02_semi_permutations.ipynb --offsets 1 2
+    python benchmarks/claims.py --from-json claims.json claims-ch2.json --markdown
 
 Runs pair offsets with thread counts in turn (offset 1 -> 1 thread, 2 -> 2 threads, ...);
 single-thread runs go ``--jobs`` at a time, the others one at a time afterwards. Prints a
@@ -157,6 +158,20 @@ def summarise(runs):
     return sorted(rows, key=lambda r: (r[0], r[1]))
 
 
+def combine(recordings):
+    """Runs of several recordings merged by (offset, threads); a later recording's chapters win."""
+    merged = {}
+    for runs in recordings:
+        for run in runs:
+            key = (run["offset"], run["threads"])
+            chapters = {k.split(":")[0] for k in run["asserts"]}
+            base = merged.setdefault(key, {**run, "asserts": {}, "records": {}, "errors": []})
+            keep = lambda d: {k: v for k, v in d.items() if k.split(":")[0] not in chapters}
+            base["asserts"] = {**keep(base["asserts"]), **run["asserts"]}
+            base["records"] = {**keep(base["records"]), **run["records"]}
+    return list(merged.values())
+
+
 def print_table(rows, markdown=False):
     if markdown:
         print("| chapter | cell | claim | held |\n|---|---|---|---|")
@@ -178,13 +193,22 @@ def main(argv=None):
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2], help="cycled over the offsets")
     parser.add_argument("--jobs", type=int, default=1, help="runs executed at once")
     parser.add_argument("--cache", default=str(ROOT / ".glmc_cache" / "claims"), help="checkpoint cache root")
-    parser.add_argument("--json", default=str(ROOT / "claims.json"), help="where to write every record")
+    parser.add_argument("--json", default=str(ROOT / ".glmc_cache" / "claims.json"),
+                        help="where to write every record")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    parser.add_argument("--from-json", nargs="+", default=None, metavar="JSON",
+                        help="print the table of recorded runs instead of running; a later file's "
+                             "chapters replace an earlier file's (same offsets and thread counts)")
     parser.add_argument("--single", nargs=3, help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args(argv)
     if args.single:
         offset, threads, out = args.single
         return single_run(rest, int(offset), int(threads), out)
+    if args.from_json:
+        runs = combine([json.loads(Path(p).read_text())["runs"] for p in args.from_json])
+        rows = summarise(runs)
+        print_table(rows, args.markdown)
+        return 0 if all(r[3] == r[4] for r in rows) else 1
     notebooks = args.notebooks or sorted(str(p) for p in (ROOT / "notebooks").glob("[0-9]*.ipynb"))
     plan = [(o, args.threads[i % len(args.threads)]) for i, o in enumerate(args.offsets)]
     start = time.perf_counter()
@@ -209,6 +233,7 @@ def main(argv=None):
     for run in runs:
         for error in run["errors"]:
             print(f"[claims] error in offset {run['offset']} / {run['threads']} threads: {error}")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"runs": runs}, indent=1))
     failed = [r for r in rows if r[3] < r[4]] or any(run["errors"] for run in runs) or len(runs) != len(plan)
     print(f"[claims] {sum(r[3] == r[4] for r in rows)} of {len(rows)} claims held in every run")

@@ -191,3 +191,122 @@ def test_the_bibliography_is_printed_once():
              if "{bibliography}" in p.read_text(encoding="utf-8")]
     names = [p.relative_to(ROOT).as_posix() for p in pages]
     assert names == ["book/references.md"], f"{{bibliography}} must appear once, in book/references.md: {names}"
+
+
+# --- one repository URL (_config.yml) for badges, install cells and docs ---------------
+
+def repository_url():
+    return load_yaml("_config.yml")["repository"]["url"].rstrip("/")
+
+
+GITHUB_URL = re.compile(r"https://github\.com/[\w.-]+/[\w.-]+")
+COLAB_URL = re.compile(r"https://colab\.research\.google\.com/github/([\w.-]+/[\w.-]+)/blob/")
+
+
+@needs_notebooks
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_installs_from_the_configured_repository(path):
+    # On Colab the setup cell installs glmc_mini from the repository _config.yml names.
+    code = [cell_text(c) for c in read_notebook(path)["cells"] if c["cell_type"] == "code"]
+    installs = [line for text in code for line in text.splitlines() if "pip install" in line]
+    assert installs, f"{path.name}: no install line in a code cell (the setup cell installs glmc_mini)"
+    for line in installs:
+        assert f"git+{repository_url()}" in line, f"{path.name}: {line.strip()!r} is not {repository_url()}"
+
+
+def test_docs_use_the_configured_repository():
+    # README and the book's pages name the repository only as _config.yml does.
+    url, slug = repository_url(), repository_url().replace("https://github.com/", "")
+    for path in [ROOT / "README.md", *sorted((ROOT / "book").glob("*.md"))]:
+        text = path.read_text(encoding="utf-8")
+        for found in GITHUB_URL.findall(text):
+            assert found.rstrip(".") == url, f"{path.name}: {found} is not the configured {url}"
+        for found in COLAB_URL.findall(text):
+            assert found == slug, f"{path.name}: a Colab link points to {found}, not {slug}"
+
+
+# --- what the rendered pages show ----------------------------------------------------------
+
+def book_texts():
+    """(name, text) of README.md, book/*.md and every notebook cell's source."""
+    yield "README.md", (ROOT / "README.md").read_text(encoding="utf-8")
+    for path in sorted((ROOT / "book").glob("*.md")):
+        yield path.name, path.read_text(encoding="utf-8")
+    for path in NOTEBOOKS:
+        for i, cell in enumerate(read_notebook(path)["cells"]):
+            yield f"{path.name} cell {i}", cell_text(cell)
+
+
+def test_no_reference_to_files_outside_the_repository():
+    # Readers have the repository only: no pointers to the developers' shared notes.
+    bad = re.compile(r"shared/|design\.md|paper\.md")
+    hits = [name for name, text in book_texts() if bad.search(text)]
+    assert not hits, f"references to files outside the repository in: {hits}"
+
+
+@needs_notebooks
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_code_lines_fit_the_page(path):
+    long = [(i, line) for i, c in enumerate(read_notebook(path)["cells"]) if c["cell_type"] == "code"
+            for line in cell_text(c).splitlines() if len(line) > 88]
+    assert not long, f"{path.name}: code lines over 88 characters (cell, line): {long}"
+
+
+def stream_outputs(path):
+    for i, cell in enumerate(read_notebook(path)["cells"]):
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "stream":
+                yield i, out.get("name"), cell_text({"source": out.get("text", "")})
+
+
+@needs_notebooks
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_committed_outputs_are_clean(path):
+    # No leftover progress bars, no 16-digit floats, no printed line wider than the page.
+    bar = re.compile(r"\d+%\|.*\|| \d+/\d+ \[\d")
+    digits = re.compile(r"\d\.\d{9,}")
+    for i, name, text in stream_outputs(path):
+        assert not bar.search(text), f"{path.name} cell {i}: a progress bar in the committed {name}"
+        assert not digits.search(text), f"{path.name} cell {i}: unrounded numbers in the output"
+        wide = [line for line in text.splitlines() if len(line) > 100]
+        assert not wide, f"{path.name} cell {i}: printed lines over 100 characters: {wide}"
+
+
+GLUE_ROLE = re.compile(r"\{glue(?::[a-z]+)?\}`([\w.-]+)(?::[^`]*)?`")
+
+
+def glued_names(path):
+    """Names glued in the committed outputs of a notebook (myst-nb's scrapbook metadata)."""
+    names = []
+    for cell in read_notebook(path)["cells"]:
+        for out in cell.get("outputs", []):
+            scrap = out.get("metadata", {}).get("scrapbook")
+            if scrap:
+                names.append(scrap["name"])
+    return names
+
+
+@needs_notebooks
+def test_glue_names_are_unique_across_the_book():
+    names = [name for path in NOTEBOOKS for name in glued_names(path)]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    assert not dupes, f"glue names used twice (prefix them with the chapter): {dupes}"
+
+
+@needs_notebooks
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_quoted_number_is_glued(path):
+    # The prose quotes run results only through {glue:text}`name`; each name must be in the
+    # committed outputs (re-run the chapter with GLMC_PROFILE=standard after changing its glue).
+    cells = read_notebook(path)["cells"]
+    used = {m for c in cells if c["cell_type"] == "markdown" for m in GLUE_ROLE.findall(cell_text(c))}
+    missing = sorted(used - set(glued_names(path)))
+    assert not missing, f"{path.name}: quoted but not glued in the committed outputs: {missing}"
+
+
+@needs_notebooks
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_chapter_has_a_references_section(path):
+    cells = [cell_text(c) for c in read_notebook(path)["cells"] if c["cell_type"] == "markdown"]
+    assert any(re.search(r"^## References$", text, re.M) for text in cells[-3:]), (
+        f"{path.name}: the chapter must end with a '## References' section")
