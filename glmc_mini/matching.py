@@ -671,7 +671,8 @@ def weight_matching(model_a, model_b, symmetries=("perm", "orth", "inv"), seed=0
     run ``probe`` sweeps and only the one with the lowest distance goes on to its stopping rule
     (successive halving; still data-free); ``probe=max_iter`` runs every restart to the end.
     ``tol``, ``probe`` None: by size (:func:`_effort`). ``init`` starts from given transforms;
-    spaces in ``fixed`` keep theirs. Returns (transforms, history of distances of the kept run).
+    spaces in ``fixed`` keep theirs. Returns (transforms, history of distances of the kept run,
+    opened by the distance of the start ``init`` or identity, i.e. before alignment).
     """
     spec = build_spec(model_a)
     A, B = _state(model_a), _state(model_b)
@@ -691,7 +692,9 @@ def weight_matching(model_a, model_b, symmetries=("perm", "orth", "inv"), seed=0
         for run in runs:
             run.sweeps(min(probe, max_iter), tol, patience, progress)
     best = min(runs, key=lambda run: run.best[0]).sweeps(max_iter, tol, patience, progress)
-    return best.best[1], best.history
+    # the history always opens with the distance before alignment; a run from the static start
+    # has its own start distance next
+    return best.best[1], ([first] if best.history[0] is not first else []) + best.history
 
 
 def _static_start(problem, classes, start, order):
