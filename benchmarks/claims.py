@@ -2,7 +2,7 @@
 
 A chapter's ``assert`` is a claim to every reader, and every reader trains other endpoints (another
 CPU's kernels, a GPU, another torch thread count). This script executes every chapter under the
-``quick`` profile once per run, each run with its own ``GLMC_SEED_OFFSET`` (so ``gm.get_trained``
+``quick`` profile (``--profile``) once per run, each run with its own ``GLMC_SEED_OFFSET`` (so ``gm.get_trained``
 trains other endpoints) and its own torch thread count, and reports for each ``assert`` in how many
 runs it held.
 
@@ -134,8 +134,8 @@ def single_run(notebooks, offset, threads, out):
     Path(out).write_text(json.dumps(result, indent=1))
 
 
-def _launch(notebooks, offset, threads, cache, out):
-    env = dict(os.environ, GLMC_PROFILE="quick", GLMC_SEED_OFFSET=str(offset), GLMC_CACHE=str(cache),
+def _launch(notebooks, offset, threads, cache, out, profile="quick"):
+    env = dict(os.environ, GLMC_PROFILE=profile, GLMC_SEED_OFFSET=str(offset), GLMC_CACHE=str(cache),
                OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1")
     cmd = [sys.executable, __file__, "--single", str(offset), str(threads), str(out), *map(str, notebooks)]
@@ -192,6 +192,8 @@ def main(argv=None):
     parser.add_argument("--offsets", nargs="+", type=int, default=[1, 2, 3, 4, 5, 6])
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2], help="cycled over the offsets")
     parser.add_argument("--jobs", type=int, default=1, help="runs executed at once")
+    parser.add_argument("--profile", default="quick", choices=("quick", "standard", "paper"),
+                        help="GLMC_PROFILE of every run (default quick)")
     parser.add_argument("--cache", default=str(ROOT / ".glmc_cache" / "claims"), help="checkpoint cache root")
     parser.add_argument("--json", default=str(ROOT / ".glmc_cache" / "claims.json"),
                         help="where to write every record")
@@ -215,7 +217,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         outs = [Path(tmp) / f"run-{o}-{t}.json" for o, t in plan]
         # one cache per thread count: the thread count changes the trained weights, not the cache key
-        launch = lambda o, t, out: _launch(notebooks, o, t, Path(args.cache) / f"threads-{t}", out)
+        launch = lambda o, t, out: _launch(notebooks, o, t, Path(args.cache) / f"threads-{t}", out,
+                                           args.profile)
         # single-thread runs share the machine (--jobs at once); a multi-thread run gets it alone
         # (two 2-thread runs on 2 cores oversubscribe them, which slows torch down many times)
         with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
