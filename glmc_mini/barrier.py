@@ -56,13 +56,6 @@ def evaluate(model, data, device=None):
     return {"loss": total / count, "acc": correct / count if kind == "classification" else None}
 
 
-def _check_compatible(model_a, model_b, state_a=None, state_b=None):
-    """ValueError naming the first reason two models cannot be interpolated: not one architecture
-    (class, configuration, modules and their attributes, names, shapes, tying: ``checks``), other
-    devices or dtypes, non-finite values."""
-    check_pair(model_a, model_b)
-
-
 def interpolate(model_a, model_b, t, extrapolate=False):
     """A new model (a deep copy of ``model_a``) with every float parameter and buffer (1 - t) A + t B.
 
@@ -72,7 +65,7 @@ def interpolate(model_a, model_b, t, extrapolate=False):
     devices or dtypes, and on non-finite weights. Introduced in chapter 0.
     """
     t = _check_t(t, extrapolate)
-    _check_compatible(model_a, model_b)
+    check_pair(model_a, model_b)
     return _interpolate(model_a, model_b, t)
 
 
@@ -126,7 +119,7 @@ def barrier(model_a, model_b, data, num_points=11, progress=False):
     """
     num_points = positive_int(num_points, "num_points", minimum=2, maximum=MAX_POINTS)
     check_data(data, required=True)
-    _check_compatible(model_a, model_b)
+    check_pair(model_a, model_b)
     if iter(data) is data:
         data = list(data)
     if not data:

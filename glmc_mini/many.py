@@ -25,8 +25,9 @@ import torch
 from tqdm import tqdm
 
 from .align import _check_first_batch, _validate, check_pair, check_symmetries
+from .barrier import evaluate
 from .checks import check_data, optional_positive_int, positive_int, real, seed_value
-from .barrier import _check_compatible, evaluate
+from .checks import check_pair as _check_pair
 from .canonical import canonicalize
 from .spaces import build_spec
 from .symmetries import apply_transforms, transform_state
@@ -60,9 +61,9 @@ def interpolate_many(models, weights):
         raise ValueError(f"mixture weights must be non-negative, got {w.tolist()}")
     if abs(float(w.sum()) - 1.0) > 1e-6:
         raise ValueError(f"mixture weights must sum to 1, got {float(w.sum()):.6g}")
+    for model in models[1:]:
+        _check_pair(models[0], model)
     states = [m.state_dict() for m in models]
-    for model, state in zip(models[1:], states[1:]):
-        _check_compatible(models[0], model, states[0], state)
     mixed = {}
     for key, first in states[0].items():
         if first.is_floating_point():

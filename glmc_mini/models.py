@@ -57,16 +57,6 @@ def _isinstance(model, module, name):
     return mod is not None and isinstance(model, getattr(mod, name))
 
 
-def _is_mlp(model):
-    """Is ``model`` a supported MLP? One definition for the whole package: ``spaces.mlp_layers``."""
-    from .spaces import UnsupportedModelError, mlp_layers
-    try:
-        mlp_layers(model)
-    except UnsupportedModelError:
-        return False
-    return True
-
-
 def model_family(model):
     """ "mlp" | "vit" | "gpt2" | "circuit" (or a model's own ``glmc_family``); TypeError otherwise.
 

@@ -419,8 +419,8 @@ def _check_coverage(model, spec):
     weight used twice would get two transforms), and any forward hook (a hook may compute anything,
     and the transformed or circuit model would run it on transformed values, or not at all)."""
     _check_hooks(model)
-    groups = {}
-    for name, t in _named_state(model):
+    state, groups = _named_state(model), {}
+    for name, t in state:
         groups.setdefault(id(t), []).append(name)
     for names in groups.values():
         if len(names) > 1 and tuple(sorted(names)) not in spec.tied:
@@ -428,9 +428,7 @@ def _check_coverage(model, spec):
                                         "module or weight used in two places): each place would get its own "
                                         "transform, so glmc_mini cannot transform it exactly; give each its own copy")
     placed = set(spec.axes) | set(spec.invariant)
-    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
-    names += [n for n, _ in model.named_buffers(remove_duplicate=False)]
-    missing = [n for n in names if n not in placed]
+    missing = [n for n, _ in state if n not in placed]
     if missing:
         shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
         raise UnsupportedModelError(f"{type(model).__name__} has parameters or buffers that glmc_mini's space table "
