@@ -1,6 +1,9 @@
-"""Weight matching on two GPT-2-small-sized models (random weights, randomised LayerNorm gains).
+"""Weight matching on two GPT-2-small-sized models (random weights, randomised LayerNorm gains), or
+on two Llama-style decoders of SmolLM-135M's size (``--family llama``: width 576, 30 layers, 9 query
+and 3 key-value heads, SwiGLU 1536, vocabulary 49152, tied embeddings; randomised RMSNorm gains).
 
-    python benchmarks/bench_weight_matching.py [--vocab 50257] [--layers 12] [--width 768] [--threads N]
+    python benchmarks/bench_weight_matching.py [--family gpt2|llama] [--vocab V] [--layers L] [--width D]
+                                               [--threads N]
 
 Canonicalizes both models, times ``gm.align(method="weight")`` (seconds, sweeps), measures peak
 memory (CUDA: max_memory_allocated; CPU: growth of the process's max RSS) and checks that B's
@@ -18,6 +21,8 @@ import torch
 
 
 def build(seed, args, device):
+    if args.family == "llama":
+        return build_llama(seed, args, device)
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(seed)
     cfg = GPT2Config(vocab_size=args.vocab, n_positions=128, n_embd=args.width, n_layer=args.layers,
@@ -28,6 +33,21 @@ def build(seed, args, device):
             if isinstance(m, torch.nn.LayerNorm):
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.normal_(0, 0.05)
+    return model.to(device).eval()
+
+
+def build_llama(seed, args, device):
+    """SmolLM-135M's configuration (head size 64, 3 query heads per key-value head), random weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.width, intermediate_size=args.ffn,
+                      num_hidden_layers=args.layers, num_attention_heads=args.width // 64, num_key_value_heads=3,
+                      max_position_embeddings=2048, rope_theta=10000.0, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
     return model.to(device).eval()
 
 
@@ -45,18 +65,25 @@ def logits(model, x):
 def main():
     import glmc_mini as gm
     parser = argparse.ArgumentParser()
-    parser.add_argument("--vocab", type=int, default=50257)
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--width", type=int, default=768)
+    parser.add_argument("--family", choices=("gpt2", "llama"), default="gpt2")
+    parser.add_argument("--vocab", type=int, default=None, help="50257 (gpt2), 49152 (llama)")
+    parser.add_argument("--layers", type=int, default=None, help="12 (gpt2), 30 (llama)")
+    parser.add_argument("--width", type=int, default=None, help="768 (gpt2), 576 (llama)")
+    parser.add_argument("--ffn", type=int, default=1536, help="SwiGLU width (llama)")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
+    defaults = dict(gpt2=(50257, 12, 768), llama=(49152, 30, 576))[args.family]
+    for key, value in zip(("vocab", "layers", "width"), defaults):
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = gm.get_device()
     A, B = build(0, args, device), build(1, args, device)
     A, B = gm.canonicalize(A), gm.canonicalize(B)
     params = sum(p.numel() for p in A.parameters())
-    print(f"GPT-2 width {args.width}, {args.layers} layers, vocab {args.vocab}: {params / 1e6:.1f} M parameters, "
+    name = "GPT-2" if args.family == "gpt2" else "Llama (SmolLM-135M size)"
+    print(f"{name} width {args.width}, {args.layers} layers, vocab {args.vocab}: {params / 1e6:.1f} M parameters, "
           f"device {device}, {torch.get_num_threads()} threads")
     if device.type == "cuda":
         torch.cuda.synchronize()

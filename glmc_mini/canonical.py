@@ -7,52 +7,23 @@ A pre-norm transformer reads its residual stream x only through LayerNorms,
 and every reader W of a norm sees ``W LN(x) = (W diag(g)) [(M x)/rms(M x) + b/g]``. So:
 
 1. untie the output embedding from the input embedding (GPT-2);
-2. fold LayerScale gains into the writer before them (``ls.gamma -> 1``);
+2. fold LayerScale gains into the writer before them (``ls.gamma -> 1``; ViT);
 3. centre every residual writer: its output axis is multiplied by M (weights, biases, embeddings,
    positional embeddings, class token). LN(Mx) = LN(x), so nothing downstream changes;
 4. fold each norm's gain into its readers (``W -> W diag(g)``) and set ``g -> 1``, ``b -> b / g``.
 
 Afterwards LN(O x) = O LN(x) for every orthogonal O that fixes the all-ones direction, so one
 such O can rotate the whole residual stream (``symmetries.Orthogonal``).
+Which modules are norms, readers and writers is the family's (``families``; steps 1-2 are its
+``prepare``); the steps themselves are here.
 Introduced in chapter 3.
 """
 import copy
 
 import torch
-import torch.nn as nn
 
+from .families import detect
 from .spaces import build_spec, UnsupportedModelError
-
-
-def _norm_readers(model, family):
-    """(norm module name, [reader module names]) pairs of a pre-norm transformer."""
-    if family == "vit":
-        pairs = [(f"blocks.{l}.norm1", [f"blocks.{l}.attn.qkv"]) for l in range(len(model.blocks))]
-        pairs += [(f"blocks.{l}.norm2", [f"blocks.{l}.mlp.fc1"]) for l in range(len(model.blocks))]
-        final = "norm" if isinstance(model.norm, nn.LayerNorm) else "fc_norm"
-        pairs.append((final, ["head"] if isinstance(model.head, nn.Linear) else []))
-        return pairs
-    pairs = [(f"transformer.h.{l}.ln_1", [f"transformer.h.{l}.attn.c_attn"]) for l in range(len(model.transformer.h))]
-    pairs += [(f"transformer.h.{l}.ln_2", [f"transformer.h.{l}.mlp.c_fc"]) for l in range(len(model.transformer.h))]
-    pairs.append(("transformer.ln_f", ["lm_head"]))
-    return pairs
-
-
-def _untie(model):
-    if model.lm_head.weight is model.transformer.wte.weight:
-        model.lm_head.weight = nn.Parameter(model.transformer.wte.weight.detach().clone())
-    model.config.tie_word_embeddings = False
-
-
-def _fold_layerscale(model):
-    for blk in model.blocks:
-        for ls, writer in (("ls1", blk.attn.proj), ("ls2", blk.mlp.fc2)):
-            gamma = getattr(getattr(blk, ls), "gamma", None)
-            if gamma is not None:
-                writer.weight.mul_(gamma[:, None])
-                if writer.bias is not None:
-                    writer.bias.mul_(gamma)
-                gamma.fill_(1.0)
 
 
 def _centre_writers(model, spec):
@@ -65,8 +36,11 @@ def _centre_writers(model, spec):
                 p.sub_(p.mean(dim=dim, keepdim=True))
 
 
-def _fold_gains(model, family):
-    for norm_name, readers in _norm_readers(model, family):
+def _fold_gains(model, norm_readers):
+    """W -> W diag(g) for every reader of each norm, then g -> 1 and b -> b / g.
+
+    ``norm_readers``: [(norm module name, [reader module names])] (the family's ``norm_readers``)."""
+    for norm_name, readers in norm_readers:
         norm = model.get_submodule(norm_name)
         if norm.weight is None:  # elementwise_affine=False: no gain (and no bias) to fold
             continue
@@ -91,23 +65,16 @@ def _fold_gains(model, family):
 def canonicalize(model):
     """A function-preserving copy of ``model`` in canonical form (see the module docstring).
 
-    Inputs: a stock MLP (returned as a copy: it has no norms), timm VisionTransformer or HF
-    GPT2LMHeadModel. The input model is never modified. Non-finite weights raise ValueError.
-    Introduced in chapter 3.
+    Inputs: any supported model; its family (``families.detect``) canonicalises the copy in place:
+    a stock MLP (and a circuit model) is returned as a plain copy, a timm VisionTransformer or HF
+    GPT2LMHeadModel goes through steps 1-4. The input model is never modified. Non-finite weights
+    raise ValueError. Introduced in chapter 3.
     """
-    spec = build_spec(model)
+    build_spec(model)  # UnsupportedModelError naming whatever is not supported
     _check_finite(model)
     new = copy.deepcopy(model)
-    if spec.family not in ("vit", "gpt2"):
-        return new
     with torch.no_grad():
-        if spec.family == "gpt2":
-            _untie(new)
-            spec = build_spec(new)
-        else:
-            _fold_layerscale(new)
-        _centre_writers(new, spec)
-        _fold_gains(new, spec.family)
+        detect(new).canonicalize(new)
     return new
 
 
@@ -118,12 +85,14 @@ def _check_finite(model):
 
 
 def is_canonical(model, atol=1e-5):
-    """Norm gains (and LayerScale gains) are 1, writers centred, output embedding untied."""
-    spec = build_spec(model)
-    if spec.family not in ("vit", "gpt2"):
-        return True
-    if spec.family == "gpt2" and model.lm_head.weight is model.transformer.wte.weight:
-        return False
+    """Norm gains (and LayerScale gains) are 1, writers centred, output embedding untied (the
+    family's ``is_canonical``; MLPs and circuit models always are)."""
+    build_spec(model)
+    return detect(model).is_canonical(model, atol)
+
+
+def centred_with_unit_gains(model, spec, atol=1e-5):
+    """Every residual writer centred along its residual axis and every norm gain 1 (to ``atol``)."""
     state = model.state_dict()
     for name, axes in spec.axes.items():
         for dim, segments in enumerate(axes):

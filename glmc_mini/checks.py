@@ -40,6 +40,7 @@ _CONFIG_IGNORED = {
 _ATTR_IGNORED = {"training", "p", "inplace", "drop_prob", "scale_by_keep", "fused_attn", "grad_checkpointing",
                  "gradient_checkpointing", "feature_info", "weight_init_mode", "fix_init", "config",
                  "reorder_and_upcast_attn",
+                 "name_or_path",  # where from_pretrained read the model: two checkpoints always differ there
                  "all_tied_weights_keys"}  # transformers' record of tying: compared by _tied_groups where it matters
 
 

@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .canonical import canonicalize
-from .models import model_family
+from .families import by_name, detect
 from .spaces import Segment, Space, Spec, UnsupportedModelError, _activation_name, _ffn_classes, _whole
 from .symmetries import SemiPermutation, empty_module, transform_state
 
@@ -177,7 +177,7 @@ class CircuitTransformer(nn.Module):
         super().__init__()
         self.config = config
         self.source_family = config.family
-        self.glmc_kind = "language" if config.family == "gpt2" else "classification"
+        self.glmc_kind = by_name(config.family).kind  # language: token embeddings; else image patches
         for name, tensor in embeddings.items():
             self.register_parameter(name, None if tensor is None else nn.Parameter(tensor))
         self.blocks = nn.ModuleList(blocks)
@@ -198,18 +198,19 @@ class CircuitTransformer(nn.Module):
         return F.layer_norm(x, (self.config.d,), None, self.norm_bias, self.config.eps)
 
     def forward(self, x):
-        h = self._embed_gpt2(x) if self.source_family == "gpt2" else self._embed_vit(x)  # (B, T, d)
+        language = self.glmc_kind == "language"
+        h = self._embed_tokens(x) if language else self._embed_patches(x)  # (B, T, d)
         for blk in self.blocks:
             h = blk(h)
-        if self.source_family == "gpt2":
+        if language:
             return self.head(self._ln(h))  # (B, T, V)
         return self.head(self._pool(h))    # (B, classes)
 
-    def _embed_gpt2(self, ids):
+    def _embed_tokens(self, ids):
         pos = torch.arange(ids.shape[1], device=ids.device)
         return self.wte[ids] + self.wpe[pos]  # (B, T, d)
 
-    def _embed_vit(self, img):
+    def _embed_patches(self, img):
         c = self.config
         x = F.conv2d(img, self.patch_weight, self.patch_bias, stride=c.patch_size)  # (B, d, gh, gw)
         x = x.flatten(2).transpose(1, 2)                                           # (B, N, d)
@@ -309,7 +310,7 @@ def circuit_spec(model):
     d = model.config.d
     acts = {_activation_name(blk.act) for blk in model.blocks}
     spec = Spec("circuit", act="relu" if acts == {"relu"} else "gelu", invariant=("head.bias",))
-    spec.add_space(Space("residual", "residual", d, ("perm", "orth")))
+    spec.add_space(Space("residual", "residual", d, ("perm", "orth"), fix_ones=True))
     R_out = _whole(d, ("residual", "out"))
     _embedding_axes(spec, model, R_out)
     for l, blk in enumerate(model.blocks):
@@ -433,92 +434,23 @@ def _single_eps(norms):
     return eps.pop()
 
 
-def _vit_blocks(m, form):
-    blocks = []
-    for l, b in enumerate(m.blocks):
-        a = b.attn
-        if getattr(a, "gate", None) is not None:
-            raise UnsupportedModelError(f"blocks.{l}.attn has a sigmoid gate: not a plain attention head")
-        if a.proj.out_features != m.embed_dim:
-            raise UnsupportedModelError(f"blocks.{l}.attn.proj changes the width")
-        factors = _aug_factors(a.qkv.weight.T, a.qkv.bias, a.proj.weight.T)
-        attn = _attention_layer(factors, a.proj.bias, a.num_heads, a.scale, False, form, m.embed_dim)
-        fc1, fc2 = (_as_linear(f.weight.detach(), _detach(f.bias)) for f in (b.mlp.fc1, b.mlp.fc2))
-        blocks.append(_block(attn, b.norm1, b.norm2, fc1, b.mlp.act, fc2, b.norm1.eps))
-    return blocks
-
-
-def _detach(t):
-    return None if t is None else t.detach()
-
-
-def _vit_to_circuit(m, form):
-    """Canonical timm VisionTransformer -> CircuitTransformer."""
-    if m.dynamic_img_size or getattr(m.patch_embed, "dynamic_img_pad", False):
-        raise UnsupportedModelError("VisionTransformer with dynamic_img_size / dynamic_img_pad is not supported")
-    conv = m.patch_embed.proj
-    if tuple(conv.stride) != tuple(conv.kernel_size) or any(conv.padding) or conv.groups != 1:
-        raise UnsupportedModelError("patch_embed.proj must be a non-overlapping, unpadded convolution")
-    final = m.norm if isinstance(m.norm, nn.LayerNorm) else m.fc_norm
-    norms = [final] + [n for b in m.blocks for n in (b.norm1, b.norm2)]
-    config = CircuitConfig("vit", m.embed_dim, _single_eps(norms), tuple(conv.kernel_size), bool(m.no_embed_class),
-                           m.global_pool, bool(m.pool_include_prefix),
-                           "tokens" if isinstance(m.norm, nn.LayerNorm) else "pooled")
-    embeddings = {"patch_weight": conv.weight.detach(), "patch_bias": _detach(conv.bias),
-                  "cls_token": _detach(m.cls_token), "reg_token": _detach(m.reg_token),
-                  "pos_embed": _detach(m.pos_embed)}
-    head = _as_linear(m.head.weight.detach(), _detach(m.head.bias))
-    model = CircuitTransformer(config, _vit_blocks(m, form), embeddings, head)
-    with torch.no_grad():
-        model.norm_bias.copy_(_bias_of(final))
-    return model
-
-
-def _gpt2_scale(attn, cfg, l):
-    """The logit scale of layer l: 1/sqrt(hd) if scale_attn_weights, divided by l+1 if
-    scale_attn_by_inverse_layer_idx."""
-    if hasattr(attn, "scaling"):
-        return float(attn.scaling)
-    s = (cfg.n_embd // cfg.n_head) ** -0.5 if cfg.scale_attn_weights else 1.0
-    return s / (l + 1) if cfg.scale_attn_by_inverse_layer_idx else s
-
-
-def _gpt2_to_circuit(m, form):
-    """Canonical (untied) GPT2LMHeadModel -> CircuitTransformer (Conv1D weights are [in, out])."""
-    cfg, tr = m.config, m.transformer
-    d, blocks = cfg.n_embd, []
-    for l, b in enumerate(tr.h):
-        a = b.attn
-        factors = _aug_factors(a.c_attn.weight, a.c_attn.bias, a.c_proj.weight)
-        attn = _attention_layer(factors, a.c_proj.bias, cfg.n_head, _gpt2_scale(a, cfg, l), True, form, d)
-        fc1 = _as_linear(b.mlp.c_fc.weight.detach().T, b.mlp.c_fc.bias.detach())
-        fc2 = _as_linear(b.mlp.c_proj.weight.detach().T, b.mlp.c_proj.bias.detach())
-        blocks.append(_block(attn, b.ln_1, b.ln_2, fc1, b.mlp.act, fc2, b.ln_1.eps))
-    eps = _single_eps([tr.ln_f] + [n for b in tr.h for n in (b.ln_1, b.ln_2)])
-    embeddings = {"wte": tr.wte.weight.detach(), "wpe": tr.wpe.weight.detach()}
-    head = _as_linear(m.lm_head.weight.detach(), _detach(getattr(m.lm_head, "bias", None)))
-    model = CircuitTransformer(CircuitConfig("gpt2", d, eps), blocks, embeddings, head)
-    with torch.no_grad():
-        model.norm_bias.copy_(_bias_of(tr.ln_f))
-    return model
-
-
 def to_circuit(model, form="circuit"):
     """A :class:`CircuitTransformer` computing the same function as the stock ``model``.
 
-    Inputs: a timm VisionTransformer or HF GPT2LMHeadModel (never modified); it is canonicalised
-    first (``canonical.canonicalize``). ``form="circuit"`` stores each head as QK_h = Q̃_h K̃_h^T and
+    Inputs: a timm VisionTransformer or HF GPT2LMHeadModel (never modified; any family with the
+    ``to_circuit`` capability); it is canonicalised first (``canonical.canonicalize``), then its
+    family converts it. ``form="circuit"`` stores each head as QK_h = Q̃_h K̃_h^T and
     OV_h = Ṽ_h W_o,h^T (products in float64, stored in the model's dtype); ``form="factored"``
     keeps the augmented factors. Follows the model's device and dtype.
     """
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-    family = model_family(model)
-    if family not in ("vit", "gpt2"):
-        raise UnsupportedModelError(f"to_circuit needs a timm VisionTransformer or a GPT2LMHeadModel, got {family!r}")
+    family = detect(model)
+    if not family.supports("to_circuit"):
+        family.to_circuit(model, form)  # refuses, naming the family
     canon = canonicalize(model)
     with torch.no_grad():
-        new = _vit_to_circuit(canon, form) if family == "vit" else _gpt2_to_circuit(canon, form)
+        new = family.to_circuit(canon, form)
     return new.train(model.training)
 
 

@@ -13,17 +13,7 @@ Introduced in chapter 5.
 """
 import torch
 
-from .symmetries import Invertible, Orthogonal, Permutation, SemiPermutation
-
-
-def eigen_angles(O):
-    """|angle| of each eigenvalue of an orthogonal O [n, n], in radians, sorted ascending.
-
-    Eigenvalues of a real orthogonal map come in pairs e^{±i theta} (and ±1), so each rotation
-    plane contributes its angle twice; the identity gives n zeros. Computed in float64.
-    """
-    ev = torch.linalg.eigvals(torch.as_tensor(O).detach().double().cpu())
-    return torch.sort(torch.angle(ev).abs()).values
+from .symmetries import Invertible, Orthogonal, Permutation, eigen_angles  # noqa: F401 (eigen_angles: gm.eigen_angles)
 
 
 def _identity_like(T):
@@ -34,42 +24,14 @@ def _identity_like(T):
     return Permutation.identity(T.n)
 
 
-def _sources(T):
-    return T.perm if isinstance(T, Permutation) else T.src
-
-
-def _compare_units(Ta, Tb):
-    sa, sb = _sources(Ta).cpu(), _sources(Tb).cpu()
-    if sa.shape != sb.shape:
-        raise ValueError(f"unit maps of different sizes: {len(sa)} and {len(sb)}")
-    out = {"class": "perm", "changed": float((sa != sb).float().mean())}
-    if isinstance(Ta, SemiPermutation) or isinstance(Tb, SemiPermutation):
-        out["class"] = "semi"
-        out["scale_rel"] = _rel(Tb.out_matrix(), Ta.out_matrix())
-    return out
-
-
-def _compare_orthogonal(Oa, Ob):
-    Oa, Ob = Oa.detach().double().cpu(), Ob.detach().double().cpu()
-    angles = eigen_angles(Ob @ Oa.T)  # the correction taking solution a to solution b
-    return {"class": "orth", "angles": angles, "max_angle": float(angles.max()),
-            "mean_angle": float(angles.mean()), "fro": float((Ob - Oa).norm())}
-
-
-def _rel(B, A):
-    A, B = A.detach().double().cpu(), B.detach().double().cpu()
-    return float((B - A).norm() / A.norm().clamp_min(1e-30))
-
-
 def compare_space(Ta, Tb):
-    """The comparison of two transforms of one space (see the module docstring)."""
-    if isinstance(Ta, Invertible) or isinstance(Tb, Invertible):
-        if not (isinstance(Ta, Invertible) and isinstance(Tb, Invertible)):
-            raise TypeError(f"cannot compare {type(Ta).__name__} with {type(Tb).__name__}")
-        return {"class": "inv", "rel": _rel(Tb.A, Ta.A)}
-    if isinstance(Ta, Orthogonal) or isinstance(Tb, Orthogonal):  # a permutation is orthogonal too
-        return _compare_orthogonal(Ta.out_matrix(), Tb.out_matrix())
-    return _compare_units(Ta, Tb)
+    """The comparison of two transforms of one space: the class's own ``compare`` (symmetries); a
+    permutation against an orthogonal map is compared as an orthogonal map (it is one)."""
+    if isinstance(Ta, Invertible) != isinstance(Tb, Invertible):
+        raise TypeError(f"cannot compare {type(Ta).__name__} with {type(Tb).__name__}")
+    if isinstance(Tb, Orthogonal) and not isinstance(Ta, Orthogonal):
+        Ta = Orthogonal(Ta.out_matrix())
+    return Ta.compare(Tb)
 
 
 def compare_solutions(sol_a, sol_b):

@@ -32,8 +32,8 @@ from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 from tqdm import tqdm
 
 from .spaces import build_spec
-from .symmetries import (Invertible, Orthogonal, Permutation, SemiPermutation, identity_transforms,
-                         small_linalg, transform_state)
+from .symmetries import (Invertible, Orthogonal, Permutation, Rotary, SemiPermutation, class_for,
+                         identity_transforms, small_linalg, transform_state)
 
 
 # --------------------------------------------------------------------------- solvers
@@ -126,19 +126,37 @@ def procrustes_fixing_ones(C):
     return Orthogonal(both(E).float())
 
 
+def _procrustes(spec, space, C):
+    """argmax <O, C> over the orthogonal maps ``space`` admits: fixing the all-ones direction on
+    the residual stream of a LayerNorm family (``Space.fix_ones``), any orthogonal map otherwise."""
+    if spec.spaces[space].fix_ones:
+        return procrustes_fixing_ones(C)
+    return Orthogonal(polar(C).float())
+
+
 def balancing(X, Y, eps=1e-9):
     """G [H, hd, hd] with (X G)^T (X G) = (Y G^-T)^T (Y G^-T): the balanced factors of X Y^T.
 
     With X = Ux Sx Vx^T, Y = Uy Sy Vy^T and Sx Vx^T Vy Sy = W S Z^T, G = Vx Sx^-1 W S^1/2, so
     X G = Ux W S^1/2 and Y G^-T = Uy Z S^1/2 (Sx, Vx from the SVD of X's QR factor R: X = Q R).
     Inputs: X, Y [H, rows, hd] (float64)."""
-    svd = lambda Z: torch.linalg.svd(Z, full_matrices=False)
-    _, Sx, Vxh = small_linalg(svd, _r_factor(X))
-    _, Sy, Vyh = small_linalg(svd, _r_factor(Y))
+    svd = lambda Z: _svd_square(_r_factor(Z))  # both on the small-linalg thread
+    _, Sx, Vxh = small_linalg(svd, X)
+    _, Sy, Vyh = small_linalg(svd, Y)
     Sx, Sy = Sx.clamp_min(eps * Sx.amax(-1, keepdim=True)), Sy.clamp_min(eps * Sy.amax(-1, keepdim=True))
     M = Sx[..., :, None] * (Vxh @ Vyh.transpose(-1, -2)) * Sy[..., None, :]
     W, S, _ = small_linalg(torch.linalg.svd, M)
     return Vxh.transpose(-1, -2) @ (W / Sx[..., :, None]) * S.sqrt()[..., None, :]
+
+
+def _svd_square(Z):
+    """SVD of Z [..., rows, hd] with Vh [..., hd, hd] and S padded with zeros to hd (rows < hd: a head
+    wider than the factor's rows, e.g. head_dim > width, has a null space the clamp then handles)."""
+    U, S, Vh = torch.linalg.svd(Z, full_matrices=Z.shape[-2] < Z.shape[-1])
+    hd = Z.shape[-1]
+    if S.shape[-1] < hd:
+        S = torch.cat([S, S.new_zeros(*S.shape[:-1], hd - S.shape[-1])], -1)
+    return U, S, Vh
 
 
 def _r_factor(X):
@@ -174,12 +192,59 @@ def match_factors(XA, YA, XB, YB, balanced_a=None, balancing_b=None):
     G = GB @ R @ GA_inv
     if XA is None or YA is None:
         return G
-    return _best_per_head([G, _lstsq(XB, XA), _inverse_t(_lstsq(YB, YA))], XA, YA, XB, YB)
+    candidates = [G, _lstsq(XB, XA), small_linalg(_inverse_t, _lstsq(YB, YA))]
+    return small_linalg(_best_per_head, candidates, XA, YA, XB, YB)
+
+
+def match_rotary(XA, YA, XB, YB, iters=30):
+    """Per-head maps G that commute with rotary embeddings, X_B G ≈ X_A and Y_B G^-T ≈ Y_A.
+
+    G is one scaled rotation s R(phi) per frequency pair (columns i and i + hd/2; ``symmetries.Rotary``),
+    and then G^-T = R(phi) / s, so the cost splits over pairs: with x, y the pair's two columns,
+    E(s, phi) = ||x_B s R - x_A||^2 + ||y_B R / s - y_A||^2. Alternate: for fixed s, phi maximises
+    <R, M> with M = s x_B^T x_A + y_B^T y_A / s, phi = atan2(M_10 - M_01, M_00 + M_11); for fixed R,
+    dE/ds = 0 is the quartic a s^4 - b s^3 + e s - c = 0 (a = ||x_B||^2, b = <x_B R, x_A>,
+    c = ||y_B||^2, e = <y_B R, y_A>), solved by its companion matrix, keeping the best positive root.
+    A planted map is recovered exactly: then M is R_0 times a symmetric PSD matrix for every s.
+    Inputs: [H, rows, hd] factors (float64). Returns (scale [H, hd/2], angle [H, hd/2]): G = Rotary(scale, angle).A."""
+    P = XA.shape[-1] // 2
+    pairs = lambda Z: torch.stack([Z[..., :P], Z[..., P:]], -1)  # (H, rows, P, 2)
+    xa, xb, ya, yb = (pairs(Z.double()) for Z in (XA, XB, YA, YB))
+    Mx, My = (torch.einsum("hrpi,hrpj->hpij", b, a) for b, a in ((xb, xa), (yb, ya)))  # (H, P, 2, 2)
+    a, c = xb.pow(2).sum((1, 3)), yb.pow(2).sum((1, 3))  # (H, P)
+    rot = lambda M, co, si: co * (M[..., 0, 0] + M[..., 1, 1]) + si * (M[..., 1, 0] - M[..., 0, 1])  # <R, M>
+    s = torch.ones_like(a)
+    ok = (a > 1e-300) & (c > 1e-300)
+    for _ in range(iters):
+        M = s[..., None, None] * Mx + My / s[..., None, None]
+        phi = torch.atan2(M[..., 1, 0] - M[..., 0, 1], M[..., 0, 0] + M[..., 1, 1])
+        b, e = rot(Mx, phi.cos(), phi.sin()), rot(My, phi.cos(), phi.sin())
+        s, old = torch.where(ok, _best_scale(a, b, c, e, s), s), s
+        if bool(((s - old).abs() <= 1e-12 * s).all()):  # a fixed point: phi is that of s
+            break
+    return s, phi
+
+
+def _best_scale(a, b, c, e, s):
+    """argmin over s > 0 of a s^2 - 2 b s + c / s^2 - 2 e / s (roots of a s^4 - b s^3 + e s - c)."""
+    a_ = a.clamp_min(1e-300)
+    top = torch.stack([b / a_, torch.zeros_like(a), -e / a_, c / a_], -1)  # monic: s^4 - (b/a) s^3 + (e/a) s - c/a
+    comp = torch.zeros(*a.shape, 4, 4, dtype=a.dtype, device=a.device)
+    comp[..., 0, :] = top
+    comp[..., 1, 0] = comp[..., 2, 1] = comp[..., 3, 2] = 1.0
+    roots = torch.linalg.eigvals(comp)  # (..., 4) complex
+    real = roots.real
+    good = (roots.imag.abs() <= 1e-7 * roots.abs().clamp_min(1e-300)) & (real > 0)
+    r = torch.where(good, real, torch.ones_like(real))
+    E = a[..., None] * r ** 2 - 2 * b[..., None] * r + c[..., None] / r ** 2 - 2 * e[..., None] / r
+    E = torch.where(good, E, torch.full_like(E, float("inf")))
+    best = r.gather(-1, E.argmin(-1, keepdim=True)).squeeze(-1)
+    return torch.where(good.any(-1), best, s)
 
 
 def _lstsq(X, Y):
     """argmin_G ||X G - Y|| per head (pseudo-inverse: any rank, any device). [H, rows, hd] -> [H, hd, hd]."""
-    return torch.linalg.pinv(X) @ Y
+    return small_linalg(torch.linalg.pinv, X) @ Y
 
 
 def _inverse_t(G):
@@ -220,13 +285,14 @@ def _axis_view(x, dim, seg, unit):
 def cross(spec, space, A, B, params=None, dtype=torch.float32):
     """C = sum over axes of ``space`` of A_axis B_axis^T ([n, n], ``dtype``, on A's device).
 
-    ``params``: the parameters to sum over (default: those of ``space`` that B holds); None if empty."""
-    unit = spec.spaces[space].unit
+    ``params``: the parameters to sum over (default: those of ``space`` that B holds); None if empty.
+    RMSNorm gains (role "gain") are left out: 1 in canonical form, so no map of the space moves them."""
     C = None
     for p in params if params is not None else [p for p in spec.params_of(space) if p in B]:
         for dim, segments in enumerate(spec.axes[p]):
             for seg in segments or ():
-                if any(name == space for name, _ in seg.chain):
+                if any(name == space and role != "gain" for name, role in seg.chain):
+                    unit = seg.unit_of(space, spec.spaces[space].unit)
                     a = _axis_view(A[p].to(dtype), dim, seg, unit)
                     b = _axis_view(B[p].to(dtype), dim, seg, unit)
                     C = a @ b.T if C is None else C.addmm_(a, b.T)
@@ -234,20 +300,22 @@ def cross(spec, space, A, B, params=None, dtype=torch.float32):
 
 
 def head_factors(spec, state, layer, keys=("q", "k", "v", "o")):
-    """Per-head factors as columns: q, k, v [H, d+1, hd] (bias as the last row) and o [H, d, hd]
-    (those named in ``keys``)."""
+    """Per-head factors as columns: q, k, v [heads, d+1, hd] (bias as the last row) and o [heads, d, hd]
+    (those named in ``keys``). q and o have one entry per query head, k and v one per key-value
+    head (the same count unless heads are grouped: :func:`grouped`)."""
     found = {}
     roles = {(f"qk.{layer}", "out"): "q", (f"qk.{layer}", "in"): "k",
              (f"ov.{layer}", "out"): "v", (f"ov.{layer}", "in"): "o"}
     roles = {role: key for role, key in roles.items() if key in keys}
-    H = spec.spaces[f"heads.{layer}"].size
+    qk = spec.spaces[f"qk.{layer}"]
+    hd = qk.size // qk.blocks
     for p in spec.params_of(f"heads.{layer}"):
         for dim, segments in enumerate(spec.axes[p]):
             for seg in segments or ():
                 key = roles.get(seg.chain[0])
                 if key:
-                    y = state[p].narrow(dim, seg.start, seg.stop - seg.start).movedim(dim, -1)  # (..., H*hd)
-                    y = y.reshape(*y.shape[:-1], H, -1).movedim(-2, 0)  # (H, [d,] hd)
+                    y = state[p].narrow(dim, seg.start, seg.stop - seg.start).movedim(dim, -1)  # (..., n*hd)
+                    y = y.reshape(*y.shape[:-1], -1, hd).movedim(-2, 0)  # (n, [d,] hd)
                     found.setdefault(key, {})["bias" if y.dim() == 2 else "weight"] = y
     out = {}
     for key, parts in found.items():
@@ -255,6 +323,13 @@ def head_factors(spec, state, layer, keys=("q", "k", "v", "o")):
         out[key] = torch.cat([W, parts["bias"][:, None, :]], 1) if "bias" in parts else \
             (torch.cat([W, torch.zeros_like(W[:, :1])], 1) if key != "o" else W)
     return out
+
+
+def grouped(x, groups):
+    """[H, rows, hd] per query head -> [groups, (H / groups) rows, hd]: the query heads that share a
+    key-value head stacked, since one per-head map acts on all of them."""
+    H, rows, hd = x.shape
+    return x.reshape(groups, (H // groups) * rows, hd)
 
 
 def circuits(f):
@@ -269,18 +344,9 @@ def _state(model):
 
 
 def _updatable(spec, symmetries):
-    """Spaces the solver updates, with the class it uses on each."""
-    out = {}
-    for name, s in spec.spaces.items():
-        allowed = [c for c in s.classes if c in symmetries]
-        if s.kind in ("qk", "ov"):
-            if "inv" in allowed:
-                out[name] = "inv"
-        elif s.kind == "residual" and "orth" in allowed:
-            out[name] = "orth"
-        elif "perm" in symmetries or "semi" in symmetries:
-            out[name] = "semi" if ("semi" in allowed and s.kind in ("ffn", "hidden")) else "perm"
-    return out
+    """Spaces the solver updates, with the class it uses on each (``symmetries.class_for``)."""
+    classes = {name: class_for(space, symmetries) for name, space in spec.spaces.items()}
+    return {name: c for name, c in classes.items() if c is not None}
 
 
 def distance(A, B):
@@ -372,7 +438,8 @@ class _Problem:
         self.identities = {id(T) for T in start.values() if _is_identity(T)}
         self.reads = {s: self._reads(s, start) for s in moving}
         self._b, self._b_for, self._memo, self._parts = {}, None, {}, {}
-        self._factors_a, self._balanced_a, self._balancing_b = {}, {}, {}
+        self._factors_a, self._balanced_a, self._balancing_b, self._factors_g = {}, {}, {}, {}
+        self._b_head_cache = {}
         self._prepare(start)
         swappable = {p: self._swappable(p) for p in self.params.get(self.res, ()) if self.res in self.moving}
         self.swappable = {p: sw for p, sw in swappable.items() if sw is not None}
@@ -394,8 +461,10 @@ class _Problem:
         kind, layer = self.spec.spaces[space].kind, self.spec.spaces[space].layer
         if kind == "heads" and self.spec.family != "circuit":
             read = {"residual"}
-        elif kind in ("qk", "ov"):
+        elif kind == "qheads":
             read = {"residual", f"heads.{layer}"}
+        elif kind in ("qk", "ov"):
+            read = {"residual", f"heads.{layer}", f"qheads.{layer}"}
         else:
             read = set().union(*(self.spec.spaces_on(p) for p in self.params[space]))
         return tuple(sorted(s for s in read if s in start and s != space))
@@ -407,7 +476,9 @@ class _Problem:
             if not A[p].is_floating_point() or p not in B:
                 continue
             on = spec.spaces_on(p) & set(start)
-            if not on & self.moving:  # nothing moves it: its distance is a constant
+            if _has_gain(spec, p) and on & self.moving:  # an RMSNorm gain: directly (cross leaves it out)
+                self.direct.append(p)
+            elif not on & self.moving:  # nothing moves it: its distance is a constant
                 self.const += distance({p: A[p]}, transform_state({p: B[p]}, spec, start, check=False))
             elif res in self.moving and on & self.moving == {res}:
                 self.static.add(p)
@@ -498,8 +569,14 @@ class _Problem:
 
     def _solve(self, space, cls, T):
         kind = self.spec.spaces[space].kind
+        if kind == "heads" and self._grouped(space):
+            return self._groups(space, T)
+        if kind == "qheads":
+            return self._query_heads(space, T)
         if kind == "heads" and self.spec.family != "circuit":
             return self._heads(space, T)
+        if cls == "inv" and (self.spec.spaces[space].rotary or self._grouped(space)):
+            return self._per_group(space, T)
         if cls == "inv":
             return self._invertible(space, T)
         if space == self.res:
@@ -511,7 +588,7 @@ class _Problem:
         Bp = transform_state(self.b_res(self.params[space], T), self.spec, self._others(T, space), check=False)
         C = cross(self.spec, space, self.A, Bp)
         if cls == "orth":
-            return procrustes_fixing_ones(C)
+            return _procrustes(self.spec, space, C)
         P = assignment(C, current=_perm_of(T.get(space)))
         if space in self.tracked and cls == "perm":
             self._pending[space] = _inner(C, P)
@@ -528,7 +605,7 @@ class _Problem:
             if p in self.swappable:
                 C = self._swap_part(p, T) + (0 if C is None else C)
         C = self.K_res if C is None else (C.double() if self.K_res is None else C.double() + self.K_res)
-        new = procrustes_fixing_ones(C) if cls == "orth" else assignment(C, current=_perm_of(T[res]))
+        new = _procrustes(self.spec, res, C) if cls == "orth" else assignment(C, current=_perm_of(T[res]))
         for s, names in self.tracked.items():  # <A_p, T(B)_p> under the new map, from the cached parts
             if _order(T[s]) is not None:
                 self._pending[s] = sum(_inner(self._parts[p][1], new) if p in self.swappable else
@@ -577,6 +654,113 @@ class _Problem:
         S = M.view(H, M.shape[0] // H, H, -1).sum((1, 3))  # (H, H)
         return assignment(S, current=_perm_of(T.get(space)))
 
+    def _grouped(self, space):
+        """Are the heads of this layer grouped (query heads sharing key-value heads: a qheads space)?"""
+        return f"qheads.{self.spec.spaces[space].layer}" in self.spec.spaces
+
+    def _head_similarity(self, space, T):
+        """S [H, H] = <QK_h^A, QK_k^B> + <OV_h^A, OV_k^B> between query heads h of A and k of B
+        (B with the residual map applied), QK_h = Q_h K_g(h)^T and OV_h = V_g(h) O_h^T for the
+        key-value head g(h) = h // (H / G) of each query head: block sums of (Q^T Q') * (K^T K')."""
+        sp = self.spec.spaces[space]
+        l, G, hd = sp.layer, sp.size, sp.unit
+        cached = self._b_heads(l, T)
+        if "S" in cached:
+            return cached["S"]
+        if l not in self._factors_a:
+            self._factors_a[l] = _side_by_side(head_factors(self.spec, self.A, l))
+        (qa, ka, va, oa), (qb, kb, vb, ob) = self._factors_a[l], _side_by_side(cached["factors"])
+        H = qa.shape[1] // hd
+        g = torch.arange(H, device=qa.device) // (H // G)
+        per_group = lambda X, Y: (X.T @ Y).view(G, hd, G, hd)[g][:, :, g]  # (H, hd, H, hd)
+        per_head = lambda X, Y: (X.T @ Y).view(H, hd, H, hd)
+        cached["S"] = (per_head(qa, qb) * per_group(ka, kb) + per_group(va, vb) * per_head(oa, ob)).sum((1, 3))
+        return cached["S"]
+
+    def _b_heads(self, layer, T):
+        """{"factors": B's head factors of ``layer`` with the residual map applied}, cached (with the
+        head similarity, once computed) until that map changes."""
+        R = T.get("residual")
+        hit = self._b_head_cache.get(layer)
+        if hit is None or hit[0] is not R:
+            keep = {k: v for k, v in self._others(T).items() if k == "residual"}
+            Bp = transform_state(self.b_res(self.params[f"heads.{layer}"], T), self.spec, keep, check=False)
+            hit = (R, {"factors": head_factors(self.spec, Bp, layer)})
+            self._b_head_cache[layer] = hit
+        return hit[1]
+
+    def _groups(self, space, T):
+        """Key-value groups by assignment: the score of A's group g against B's group k is the best
+        assignment of their query heads on :meth:`_head_similarity` (that part is :meth:`_query_heads`)."""
+        G = self.spec.spaces[space].size
+        S = self._head_similarity(space, T).double().cpu()
+        r = S.shape[0] // G
+        block = lambda g, k: S[g * r:(g + 1) * r, k * r:(k + 1) * r]
+        best = lambda M: float(M[torch.arange(r), _dense_assignment(M)].sum())
+        score = torch.tensor([[best(block(g, k)) for k in range(G)] for g in range(G)])
+        return assignment(score, current=_perm_of(T.get(space)))
+
+    def _query_heads(self, space, T):
+        """Query heads within each key-value group: with A's group g on B's group k = groups[g], the
+        assignment of their query heads on :meth:`_head_similarity`, stored by B's (source) heads."""
+        l = self.spec.spaces[space].layer
+        heads = f"heads.{l}"
+        G = self.spec.spaces[heads].size
+        S = self._head_similarity(heads, T).double().cpu()
+        r = S.shape[0] // G
+        groups = _perm_of(T[heads]) if heads in T else torch.arange(G)
+        perm = torch.arange(S.shape[0])
+        for g, k in enumerate(groups.tolist()):
+            sigma = _dense_assignment(S[g * r:(g + 1) * r, k * r:(k + 1) * r])
+            perm[k * r:(k + 1) * r] = k * r + sigma
+        return Permutation(perm)
+
+    def _per_group(self, space, T):
+        """Per-head maps of grouped heads or under rotary embeddings: one map per key-value head g,
+        fitted on its key (value) factor and the stacked query (output) factors of its query heads
+        (B moved by the residual, group and query-head maps first); :func:`match_rotary` where the
+        maps must commute with the rotary rotation, else :func:`match_factors`. Stored by source head."""
+        sp = self.spec.spaces[space]
+        l, G = sp.layer, sp.blocks
+        heads, x, y = f"heads.{l}", *(("q", "k") if sp.kind == "qk" else ("v", "o"))
+        if space not in self._factors_g:
+            fa = head_factors(self.spec, self.A, l, (x, y))
+            self._factors_g[space] = tuple(grouped(fa[k].double(), G) for k in (x, y))
+        XA, YA = self._factors_g[space]
+        groups = _perm_of(T[heads]) if heads in T else torch.arange(G)
+        qheads = f"qheads.{l}"
+        within = (_perm_of(T[qheads]) if qheads in T else torch.arange(self._query_count(l))) if groups is not None \
+            else None
+        if within is not None:  # plain reorderings: gather B's cached factors (no weights moved)
+            fb = self._b_heads(l, T)["factors"]
+            r = len(within) // G
+            order = {"k": groups, "v": groups,
+                     "q": within[(groups[:, None] * r + torch.arange(r)).reshape(-1)]}
+            order["o"] = order["q"]
+            XB, YB = (grouped(fb[k][order[k].to(fb[k].device)].double(), G) for k in (x, y))
+        else:
+            keep = {k: v for k, v in self._others(T).items() if k in ("residual", heads, qheads)}
+            Bp = transform_state(self.b_res(self.params[heads], T), self.spec, keep, check=False)
+            fb = head_factors(self.spec, Bp, l, (x, y))
+            XB, YB = (grouped(fb[k].double(), G) for k in (x, y))
+        perm = (groups if groups is not None else T[heads].perm).to(XA.device)
+        dtype = self.A[self.params[space][0]].dtype
+        if sp.rotary:
+            scale, angle = match_rotary(XA, YA, XB, YB)  # G = Rotary(scale, angle).A, so A = G^T: angle -> -angle
+            by_source = lambda v: torch.empty_like(v).index_copy_(0, perm, v)
+            return Rotary(by_source(scale).to(dtype), by_source(-angle).to(dtype))
+        Gm = match_factors(XA, YA, XB, YB)
+        blocks = torch.empty_like(Gm)
+        blocks[perm] = Gm.transpose(1, 2)
+        return Invertible(blocks.to(dtype))
+
+    def _query_count(self, layer):
+        """H, the query heads of ``layer``."""
+        qk = self.spec.spaces[f"qk.{layer}"]
+        q = next(seg for p in self.params[f"heads.{layer}"] for ax in self.spec.axes[p] if ax for seg in ax
+                 if seg.chain[0] == (f"qk.{layer}", "out"))
+        return (q.stop - q.start) // (qk.size // qk.blocks)
+
     def _b_balancing(self, space, x, y, order):
         """B's balancing G_B of ``space`` with its heads in ``order``, computed once on B itself: a
         residual permutation or rotation does not change it (:func:`match_factors`)."""
@@ -611,6 +795,10 @@ class _Problem:
         perm = T[heads].perm if heads in T else torch.arange(len(G))
         blocks[perm.to(G.device)] = G.transpose(1, 2)
         return Invertible(blocks.to(self.A[self.params[space][0]].dtype))
+
+
+def _has_gain(spec, p):
+    return any(role == "gain" for ax in spec.axes.get(p, ()) if ax for seg in ax for _, role in seg.chain)
 
 
 def _side_by_side(f):
@@ -708,7 +896,7 @@ def _static_start(problem, classes, start, order):
         return None
     K = problem.K_res.float()
     T = dict(start)
-    T[res] = procrustes_fixing_ones(K) if classes[res] == "orth" else assignment(K)
+    T[res] = _procrustes(problem.spec, res, K) if classes[res] == "orth" else assignment(K)
     return T
 
 
@@ -729,17 +917,10 @@ def _effort(state, tol, probe, max_iter):
 # --------------------------------------------------------------------------- activation matching
 
 def _unit_modules(model, spec):
-    """{space: module whose output holds the space's activations} for FFN / hidden units, and
-    {"residual": [LayerNorms]} whose inputs are the residual stream."""
-    import torch.nn as nn
-    if spec.family == "mlp":
-        acts = [m for m in model.children() if not isinstance(m, (nn.Linear, nn.Flatten, nn.Dropout, nn.Identity))]
-        return {f"hidden.{i}": m for i, m in enumerate(acts[:len(spec.of_kind("hidden"))])}, []
-    blocks = model.blocks if spec.family == "vit" else model.transformer.h
-    units = {f"ffn.{l}": blk.mlp.act for l, blk in enumerate(blocks)}
-    d = spec.spaces["residual"].size
-    norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm) and m.normalized_shape == (d,)]
-    return units, norms
+    """The family's activation sites (``Family.activation_sites``): {space: (module, "output" | "input")}
+    for FFN / hidden units, and [modules] whose inputs are the residual stream."""
+    from .families import detect
+    return detect(model).activation_sites(model, spec)
 
 
 class _Stats:
@@ -772,12 +953,20 @@ class _Stats:
 
 
 def _record(model, units, norms, batch):
-    """Run ``model`` on ``batch`` and return {space: activations [N, n]} ("residual" stacks every norm input)."""
+    """Run ``model`` on ``batch`` and return {space: activations [N, n]} ("residual" stacks every norm input).
+
+    ``units``: {space: (module, "output" | "input")}: the module's output, or its first input."""
     from .models import batch_loss, model_kind
     got, hooks = {}, []
-    for space, module in units.items():
-        hooks.append(module.register_forward_hook(
-            lambda m, i, o, s=space: got.__setitem__(s, o.detach().reshape(-1, o.shape[-1]))))
+
+    def keep(space, x):
+        got[space] = x.detach().reshape(-1, x.shape[-1])
+
+    for space, (module, where) in units.items():
+        if where == "input":
+            hooks.append(module.register_forward_pre_hook(lambda m, i, s=space: keep(s, i[0])))
+        else:
+            hooks.append(module.register_forward_hook(lambda m, i, o, s=space: keep(s, o)))
     for module in norms:
         hooks.append(module.register_forward_hook(
             lambda m, i, o: got.setdefault("residual", []).append(i[0].detach().reshape(-1, i[0].shape[-1]))))
@@ -820,7 +1009,7 @@ def activation_matching(model_a, model_b, data, symmetries=("perm", "orth", "inv
     T = {}
     for space, st in stats.items():
         if classes[space] == "orth":
-            T[space] = procrustes_fixing_ones(st.cross().float())
+            T[space] = _procrustes(spec, space, st.cross().float())
         else:
             T[space] = assignment(st.correlation())
     rest, _ = weight_matching(model_a, model_b, symmetries, seed=seed, init=T, fixed=tuple(T), progress=progress)

@@ -1,36 +1,10 @@
 """Stock endpoint models: an ``nn.Sequential`` MLP, timm's ``VisionTransformer``, Hugging Face's
-``GPT2LMHeadModel``; plus the two questions every other module asks of a model: which family it
-belongs to, and how to get its logits."""
-import sys
-
+``GPT2LMHeadModel`` (each built by its family, ``glmc_mini.families``); plus the questions every
+other module asks of a model: which family and kind it is, how to get its logits and its loss."""
 import torch
 from torch import nn
 
-KINDS = ("classification", "language")
-_ACTS = {"gelu": nn.GELU, "relu": nn.ReLU}
-
-
-def _mlp(in_features, hidden, num_classes, act="gelu"):
-    """Flatten -> (Linear -> act) per hidden width -> Linear."""
-    layers, width = [nn.Flatten()], in_features
-    for h in hidden:
-        layers += [nn.Linear(width, h), _ACTS[act]()]
-        width = h
-    return nn.Sequential(*layers, nn.Linear(width, num_classes))
-
-
-def _vit(**kwargs):
-    """timm VisionTransformer (pre-norm, class token, no dropout) with the preset's sizes."""
-    from timm.models.vision_transformer import VisionTransformer
-    return VisionTransformer(class_token=True, global_pool="token", **kwargs)
-
-
-def _gpt2(block_size, **kwargs):
-    """Hugging Face GPT2LMHeadModel with context ``block_size`` and every dropout set to 0."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-    config = GPT2Config(n_positions=block_size, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                        bos_token_id=None, eos_token_id=None, **kwargs)  # byte-level: no special tokens
-    return GPT2LMHeadModel(config)
+from .families import KINDS, _isinstance, by_name, detect  # noqa: F401  (KINDS, _isinstance: re-exported)
 
 
 def build_model(task_or_config, seed=0):
@@ -40,51 +14,31 @@ def build_model(task_or_config, seed=0):
     """
     from .profiles import task_config
     config = task_config(task_or_config) if isinstance(task_or_config, str) else task_or_config
+    try:
+        family = by_name(config.family)
+    except ValueError as e:
+        raise ValueError(f"{e} (in the config of {config.task!r})") from None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if config.family == "mlp":
-            return _mlp(**config.model)
-        if config.family == "vit":
-            return _vit(**config.model)
-        if config.family == "gpt2":
-            return _gpt2(config.block_size, **config.model)
-    raise ValueError(f"unknown model family {config.family!r} in the config of {config.task!r}")
-
-
-def _isinstance(model, module, name):
-    """isinstance(model, module.name), without importing ``module`` (slow) if nobody has yet."""
-    mod = sys.modules.get(module)
-    return mod is not None and isinstance(model, getattr(mod, name))
+        return family.build(config)
 
 
 def model_family(model):
-    """ "mlp" | "vit" | "gpt2" | "circuit" (or a model's own ``glmc_family``); TypeError otherwise.
+    """The name of ``model``'s family (``families.detect``): "mlp" | "vit" | "gpt2" | "circuit" | ...;
+    UnsupportedModelError (a TypeError) naming what is not supported otherwise.
 
     Introduced in chapter 0.
     """
-    family = getattr(model, "glmc_family", None)
-    if family is not None:
-        return family
-    if _isinstance(model, "transformers", "GPT2LMHeadModel"):
-        return "gpt2"
-    if _isinstance(model, "timm.models.vision_transformer", "VisionTransformer"):
-        return "vit"
-    if isinstance(model, nn.Sequential):
-        from .spaces import mlp_layers
-        mlp_layers(model)  # raises UnsupportedModelError (a TypeError) naming what is not supported
-        return "mlp"
-    if getattr(model, "glmc_kind", None) in KINDS:
-        return "circuit"
-    raise TypeError(f"{type(model).__name__} is not a supported model: expected an nn.Sequential MLP "
-                    f"(Linear layers, element-wise activations), a timm VisionTransformer or a GPT2LMHeadModel")
+    return detect(model).name
 
 
 def model_kind(model):
-    """ "language" for causal language models, "classification" for classifiers."""
+    """ "language" for causal language models, "classification" for classifiers (a model's own
+    ``glmc_kind`` first, else its family's kind)."""
     kind = getattr(model, "glmc_kind", None)
     if kind in KINDS:
         return kind
-    return "language" if model_family(model) == "gpt2" else "classification"
+    return detect(model).kind
 
 
 def batch_loss(model, batch, kind):

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 
 PROFILES = ("quick", "standard", "paper")
-TASKS = ("mlp-digits", "mlp-relu-digits", "vit-digits", "gpt-pydoc", "vit-cifar10", "gpt-shakespeare")
+TASKS = ("mlp-digits", "mlp-relu-digits", "vit-digits", "gpt-pydoc", "llama-pydoc", "vit-cifar10", "gpt-shakespeare")
 
 
 def get_profile():
@@ -40,7 +40,7 @@ class TaskConfig:
     """Everything that defines one endpoint model of a task (its hash keys the checkpoint cache)."""
     task: str                    # task name, one of TASKS
     profile: str                 # the profile this preset belongs to
-    family: str                  # "mlp" | "vit" | "gpt2"
+    family: str                  # "mlp" | "vit" | "gpt2" | "llama" (families.by_name)
     dataset: str                 # "digits" | "pydoc" | "cifar10" | "shakespeare"
     model: dict = field(default_factory=dict)  # keyword arguments of the stock model (see models.build_model)
     epochs: int = 0              # passes over the training set (used when steps == 0)
@@ -56,8 +56,9 @@ class TaskConfig:
 
     @property
     def kind(self):
-        """ "language" for GPT-2 tasks, "classification" otherwise."""
-        return "language" if self.family == "gpt2" else "classification"
+        """ "language" or "classification": the kind of the task's model family."""
+        from .families import by_name
+        return by_name(self.family).kind
 
 
 def _mlp(act):
@@ -107,11 +108,26 @@ def _gpt(dataset):
     }
 
 
+def _llama(dataset):
+    # Hugging Face LlamaForCausalLM, byte-level (vocab 256): the GPT-2 preset's width, depth, query heads,
+    # context and training, with 2 key-value heads (grouped-query attention) and a SwiGLU FFN of 2/3 the
+    # GPT-2 FFN width rounded up to a multiple of 8 (three matrices instead of two: about the same size)
+    llama = lambda d, L, H, f: dict(vocab_size=256, hidden_size=d, num_hidden_layers=L, num_attention_heads=H,
+                                    num_key_value_heads=2, intermediate_size=f, hidden_act="silu", rope_theta=10000.0)
+    base = dict(family="llama", dataset=dataset, batch_size=32, weight_decay=0.1, warmup=0.05, eval_batch_size=64)
+    return {
+        "quick":    dict(base, model=llama(64, 2, 4, 176), block_size=32, steps=600, lr=3e-3, seconds=25),
+        "standard": dict(base, model=llama(128, 4, 4, 344), block_size=64, batch_size=16, steps=1200, lr=2e-3, seconds=120),
+        "paper":    dict(base, model=llama(256, 6, 4, 688), block_size=256, batch_size=64, steps=3000, lr=1e-3, seconds=360),
+    }
+
+
 _PRESETS = {
     "mlp-digits": lambda: _mlp("gelu"),
     "mlp-relu-digits": lambda: _mlp("relu"),
     "vit-digits": lambda: _vit("digits"),
     "gpt-pydoc": lambda: _gpt("pydoc"),
+    "llama-pydoc": lambda: _llama("pydoc"),
     "vit-cifar10": lambda: _vit("cifar10"),
     "gpt-shakespeare": lambda: _gpt("shakespeare"),
 }
@@ -131,15 +147,9 @@ def task_config(task, profile=None):
 
 
 def _sizes(config):
-    """One line of model sizes, e.g. 'ViT width 64, 4 layers, 4 heads, MLP 128'."""
-    m = config.model
-    if config.family == "mlp":
-        return f"MLP hidden {m['hidden']}, {m['act'].upper()}"
-    if config.family == "vit":
-        return (f"ViT width {m['embed_dim']}, {m['depth']} layers, {m['num_heads']} heads, "
-                f"MLP {round(m['embed_dim'] * m['mlp_ratio'])}")
-    return (f"GPT-2 width {m['n_embd']}, {m['n_layer']} layers, {m['n_head']} heads, "
-            f"MLP {m['n_inner']}, block {config.block_size}")
+    """One line of model sizes, e.g. 'ViT width 64, 4 layers, 4 heads, MLP 128' (the family's ``describe``)."""
+    from .families import by_name
+    return by_name(config.family).describe(config)
 
 
 def describe_profile(task=None, profile=None):

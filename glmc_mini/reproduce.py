@@ -17,6 +17,8 @@ import statistics
 
 from tqdm import tqdm
 
+from .families import by_name
+
 DEFAULT_TASKS = ("mlp-digits", "vit-digits", "gpt-pydoc")
 PAPER_TASKS = ("vit-cifar10", "gpt-shakespeare")
 # method key -> (gm.align method, symmetry classes)
@@ -79,7 +81,7 @@ def measure(model_a, model_b, method, test, train, steps, seed, form):
 def run_pair(models, config, method, test, train, steps, seed):
     """One row entry for one pair: circuit-form and stock-form barriers (MLPs: stock only)."""
     A, B = models
-    transformer = config.family != "mlp"
+    transformer = by_name(config.family).supports("to_circuit")  # a circuit form to align in
     if method == "vanilla":
         from .barrier import barrier
         curve, seconds = barrier(A, B, test), 0.0

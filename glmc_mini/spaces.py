@@ -16,10 +16,14 @@ names the chain of ``(space, role)`` pairs acting on it, applied in order. Roles
 - ``"out"``: the axis carries a vector of the space: ``v -> T v`` (writers, fc1 rows, queries);
 - ``"in"``:  the axis is read against the space: ``W -> W T^+`` with ``T^+ T = I``; for square T
   this is ``W T^-1``, so along the axis the matrix ``T^-T`` acts (readers, fc2 columns, keys);
-- ``"norm"``: a LayerNorm gain or bias, which moves with the normalised stream.
+- ``"norm"``: a LayerNorm gain or bias, which moves with the normalised stream;
+- ``"gain"``: an RMSNorm gain, 1 in canonical form: permutations reorder it, an orthogonal map
+  leaves the all-ones gain as it is (RMSNorm without gain commutes with every orthogonal map);
+- ``"copy"``: the unit is copied but never rescaled (a SwiGLU gate row: SiLU is not homogeneous).
 
 This is Git Re-Basin's ``PermutationSpec`` generalised from permutations to four classes; a new
-architecture is a new table (a new ``_spec_*`` builder), not new algorithms.
+architecture is a new table (a new family in ``glmc_mini.families``), not new algorithms. This module
+holds the table's vocabulary, which every family uses, and the generic checks of :func:`build_spec`.
 Introduced in chapter 1.
 """
 from dataclasses import dataclass, field
@@ -42,14 +46,29 @@ class Space:
     unit: int = 1      # axis entries per unit
     blocks: int = 1    # block-diagonal structure (qk/ov: H blocks of head_dim)
     layer: int = -1    # block index, -1 for model-wide spaces
+    fix_ones: bool = False  # residual of a LayerNorm family: an orthogonal map must fix the all-ones direction
+    rotary: bool = False    # qk under rotary embeddings: per-head maps commute with the rotation (Rotary)
 
 
 @dataclass(frozen=True)
 class Segment:
-    """Entries ``start:stop`` of an axis, acted on by ``chain`` = ((space, role), ...) in order."""
+    """Entries ``start:stop`` of an axis, acted on by ``chain`` = ((space, role), ...) in order.
+
+    ``units``: ((space, entries per unit), ...) overriding a space's own ``unit`` on this axis (a
+    key-value group of heads spans more query rows than key rows); ``repeats``: ((space, r), ...):
+    each block of a block-diagonal space spans r consecutive copies on this axis, all transformed
+    by that block's map (the query heads that share one key-value head)."""
     start: int
     stop: int
     chain: tuple
+    units: tuple = ()
+    repeats: tuple = ()
+
+    def unit_of(self, space, default):
+        return dict(self.units).get(space, default)
+
+    def repeat_of(self, space):
+        return dict(self.repeats).get(space, 1)
 
 
 @dataclass
@@ -121,65 +140,6 @@ def _ffn_classes(act):
     return ("perm", "semi") if act == "relu" else ("perm",)
 
 
-# --------------------------------------------------------------------------- MLP
-
-def mlp_layers(model):
-    """The one definition of a supported MLP: an ``nn.Sequential`` (exactly) of ``nn.Linear`` layers
-    with element-wise activations (:func:`_activation_name`), ``nn.Dropout`` and ``nn.Identity``
-    between them and an optional ``nn.Flatten`` before the first Linear; at least two Linears.
-    Returns (Linear child names, gaps): gaps[i] lists the activations after Linear i.
-    Anything else raises UnsupportedModelError naming the child (``models.model_family`` and
-    ``build_spec`` both ask this function)."""
-    if type(model) is not nn.Sequential:
-        raise UnsupportedModelError(f"{type(model).__name__} is not an nn.Sequential MLP")
-    linears, gaps = [], []
-    for name, module in model.named_children():
-        cls = type(module)
-        if cls is nn.Linear:
-            linears.append(name)
-            gaps.append([])
-        elif cls in (nn.Dropout, nn.Identity):
-            continue
-        elif cls is nn.Flatten:
-            if linears:
-                raise UnsupportedModelError(f"Flatten at {name} after a Linear layer: an MLP flattens its input only")
-        elif cls in (nn.LayerNorm, nn.BatchNorm1d, nn.Softmax) or any(True for _ in module.parameters()):
-            raise UnsupportedModelError(f"{cls.__name__} at {name} inside the MLP: glmc_mini transforms Linear "
-                                        "layers and element-wise activations only")
-        else:
-            act = _activation_name(module, name)
-            if not linears:
-                raise UnsupportedModelError(f"activation {cls.__name__} at {name} before any Linear layer")
-            gaps[-1].append(act)
-    if len(linears) < 2:
-        raise UnsupportedModelError("an MLP needs at least two Linear layers (one hidden space)")
-    return linears, gaps
-
-
-def _spec_mlp(model):
-    """nn.Sequential of Linear layers with element-wise activations between them (:func:`mlp_layers`)."""
-    linears, gaps = mlp_layers(model)
-
-    def gap_act(acts):  # several element-wise maps in a row: ReLU-like only if all are ReLU
-        acts = [a for a in acts if a != "identity"]
-        if not acts:
-            return "identity"
-        return "relu" if set(acts) == {"relu"} else "gelu"
-
-    hidden_acts = [gap_act(g) for g in gaps[:-1]]
-    spec = Spec("mlp", act=hidden_acts[0])
-    for i, (a, b) in enumerate(zip(linears[:-1], linears[1:])):
-        act = hidden_acts[i]
-        n = getattr(model, a).out_features
-        space = spec.add_space(Space(f"hidden.{i}", "hidden", n, _ffn_classes(act), layer=i))
-        spec.set_axis(f"{a}.weight", 0, 2, _whole(n, (space, "out")))
-        if getattr(model, a).bias is not None:
-            spec.set_axis(f"{a}.bias", 0, 1, _whole(n, (space, "out")))
-        spec.set_axis(f"{b}.weight", 1, 2, _whole(n, (space, "in")))
-    spec.invariant = (f"{linears[-1]}.bias",)
-    return spec
-
-
 # --------------------------------------------------------------------------- transformers
 
 def _attention_spaces(spec, l, H, hd):
@@ -233,20 +193,6 @@ def _require_identity(prefix, **modules):
                 f"{prefix}.{attr} is {type(module).__name__}; glmc_mini supports pre-norm blocks without it")
 
 
-def _vit_module_types():
-    from timm.layers import DropPath, Mlp, PatchEmbed
-    from timm.models.vision_transformer import Attention, Block, LayerScale
-    return (PatchEmbed, nn.Conv2d, nn.Identity, nn.Dropout, DropPath, nn.Sequential, nn.ModuleList, Block,
-            Attention, LayerScale, Mlp, nn.Linear) + _layer_norm_types()
-
-
-def _gpt2_module_types():
-    from transformers.models.gpt2.modeling_gpt2 import GPT2MLP, GPT2Attention, GPT2Block, GPT2Model
-    from transformers.pytorch_utils import Conv1D
-    return (GPT2Model, GPT2Block, GPT2Attention, GPT2MLP, Conv1D, nn.Embedding, nn.LayerNorm, nn.Dropout,
-            nn.ModuleList, nn.Linear)
-
-
 def _check_module_types(model, allowed):
     """Every submodule is one of ``allowed`` (exact types: a subclass may override ``forward``) or,
     under the name ``act``, an element-wise activation; else UnsupportedModelError naming it."""
@@ -260,157 +206,19 @@ def _check_module_types(model, allowed):
                                     f"inside a {type(model).__name__}, so it cannot transform it exactly")
 
 
-def _spec_vit(model):
-    """timm ``VisionTransformer``: pre-norm blocks, class token or average pooling."""
-    d = model.embed_dim
-    spec = Spec("vit", invariant=("head.bias",))
-    spec.add_space(Space("residual", "residual", d, ("perm", "orth")))
-    R_out, R_in = _whole(d, ("residual", "out")), _whole(d, ("residual", "in"))
-    _check_vit_top(model)
-    for p in ("cls_token", "reg_token", "pos_embed"):
-        t = getattr(model, p, None)
-        if isinstance(t, nn.Parameter):
-            spec.set_axis(p, t.dim() - 1, t.dim(), R_out)
-    spec.set_axis("patch_embed.proj.weight", 0, 4, R_out)
-    if model.patch_embed.proj.bias is not None:
-        spec.set_axis("patch_embed.proj.bias", 0, 1, R_out)
-    acts = set()
-    for l, blk in enumerate(model.blocks):
-        acts.add(_vit_block(spec, f"blocks.{l}", blk, l, d, R_out, R_in))
-    for name in ("norm", "fc_norm"):
-        module = getattr(model, name)
-        if isinstance(module, nn.LayerNorm):
-            _norm(spec, name, module, d)
-    if isinstance(model.head, nn.Linear):
-        _linear(spec, "head", model.head, in_segments=R_in)
-    spec.act = "relu" if acts == {"relu"} else "gelu"
-    return spec
-
-
-def _check_vit_top(model):
-    if model.global_pool not in ("token", "avg"):
-        raise UnsupportedModelError(f"VisionTransformer global_pool={model.global_pool!r}: only 'token' and 'avg'")
-    _require_identity("VisionTransformer", norm_pre=model.norm_pre, patch_drop=getattr(model, "patch_drop", None),
-                      patch_embed_norm=getattr(model.patch_embed, "norm", None))
-    if getattr(model, "attn_pool", None) is not None:
-        raise UnsupportedModelError("VisionTransformer attn_pool (global_pool='map') is not supported")
-    for name in ("norm", "fc_norm"):
-        module = getattr(model, name)
-        if not isinstance(module, (nn.LayerNorm, nn.Identity)):
-            raise UnsupportedModelError(f"VisionTransformer.{name} is {type(module).__name__}; glmc_mini supports "
-                                        "nn.LayerNorm")
-    if not isinstance(model.norm, nn.LayerNorm) and not isinstance(model.fc_norm, nn.LayerNorm):
-        raise UnsupportedModelError("VisionTransformer without a final norm: the head would read the raw "
-                                    "residual stream, which has no orthogonal symmetry")
-    if isinstance(model.head, nn.Identity):
-        raise UnsupportedModelError("VisionTransformer without a head (num_classes=0): its output is the "
-                                    "residual stream itself, so no transform of that stream keeps the function "
-                                    "and the final norm has no reader to fold its gain into; give it a Linear head")
-    if not isinstance(model.head, nn.Linear):
-        raise UnsupportedModelError(f"VisionTransformer head {type(model.head).__name__}: only nn.Linear")
-
-
-def _vit_block(spec, prefix, blk, l, d, R_out, R_in):
-    from timm.models.vision_transformer import Block
-    if type(blk) is not Block:
-        raise UnsupportedModelError(f"{prefix} is {type(blk).__name__}; only timm's pre-norm Block is supported "
-                                    "(post-norm and parallel blocks have no residual orthogonal symmetry)")
-    attn, mlp = blk.attn, blk.mlp
-    _require_identity(f"{prefix}.attn", q_norm=getattr(attn, "q_norm", None), k_norm=getattr(attn, "k_norm", None),
-                      norm=getattr(attn, "norm", None))
-    from timm.layers import Mlp
-    if type(mlp) is not Mlp:
-        raise UnsupportedModelError(f"{prefix}.mlp is {type(mlp).__name__}; only timm's Mlp (fc1, act, fc2)")
-    _require_identity(f"{prefix}.mlp", norm=getattr(mlp, "norm", None))
-    H = attn.num_heads
-    hd = attn.qkv.out_features // (3 * H)
-    qkv, proj_in = _attention_spaces(spec, l, H, hd)
-    _norm(spec, f"{prefix}.norm1", blk.norm1, d)
-    _norm(spec, f"{prefix}.norm2", blk.norm2, d)
-    _linear(spec, f"{prefix}.attn.qkv", attn.qkv, out_segments=qkv, in_segments=R_in)
-    _linear(spec, f"{prefix}.attn.proj", attn.proj, out_segments=R_out, in_segments=proj_in)
-    for ls in ("ls1", "ls2"):
-        if hasattr(getattr(blk, ls), "gamma"):
-            spec.set_axis(f"{prefix}.{ls}.gamma", 0, 1, _whole(d, ("residual", "norm")))
-    act = _activation_name(mlp.act, f"{prefix}.mlp.act")
-    f = mlp.fc1.out_features
-    ffn = spec.add_space(Space(f"ffn.{l}", "ffn", f, _ffn_classes(act), layer=l))
-    _linear(spec, f"{prefix}.mlp.fc1", mlp.fc1, out_segments=_whole(f, (ffn, "out")), in_segments=R_in)
-    _linear(spec, f"{prefix}.mlp.fc2", mlp.fc2, out_segments=R_out, in_segments=_whole(f, (ffn, "in")))
-    return act
-
-
-def _spec_gpt2(model):
-    """Hugging Face ``GPT2LMHeadModel`` (pre-norm; Conv1D weights are stored [in, out])."""
-    cfg = model.config
-    if getattr(cfg, "add_cross_attention", False):
-        raise UnsupportedModelError("GPT-2 with cross-attention is not supported")
-    d, H = cfg.n_embd, cfg.n_head
-    acts = {_activation_name(blk.mlp.act, f"transformer.h.{l}.mlp.act") for l, blk in enumerate(model.transformer.h)}
-    for l, blk in enumerate(model.transformer.h):
-        attn = blk.attn
-        if getattr(attn, "is_cross_attention", False) or attn.num_heads != H or getattr(attn, "pruned_heads", None) \
-                or attn.c_attn.weight.shape != (d, 3 * d) or attn.c_proj.weight.shape != (d, d):
-            raise UnsupportedModelError(f"transformer.h.{l}.attn is not the configured self-attention of {H} heads "
-                                        "of size n_embd / n_head (pruned heads or cross-attention)")
-    invariant = tuple(f"transformer.h.{l}.attn.{b}" for l in range(len(model.transformer.h))
-                      for b in ("bias", "masked_bias"))  # causal-mask buffers of older transformers
-    spec = Spec("gpt2", act="relu" if acts == {"relu"} else "gelu", invariant=invariant,
-                tied=(("lm_head.weight", "transformer.wte.weight"),))  # canonicalize unties them
-    spec.add_space(Space("residual", "residual", d, ("perm", "orth")))
-    R_out, R_in = _whole(d, ("residual", "out")), _whole(d, ("residual", "in"))
-    spec.set_axis("transformer.wte.weight", 1, 2, R_out)
-    spec.set_axis("transformer.wpe.weight", 1, 2, R_out)
-    for l, blk in enumerate(model.transformer.h):
-        p = f"transformer.h.{l}"
-        qkv, proj_in = _attention_spaces(spec, l, H, d // H)
-        _norm(spec, f"{p}.ln_1", blk.ln_1, d)
-        _norm(spec, f"{p}.ln_2", blk.ln_2, d)
-        _linear(spec, f"{p}.attn.c_attn", blk.attn.c_attn, qkv, R_in, conv1d=True)
-        _linear(spec, f"{p}.attn.c_proj", blk.attn.c_proj, R_out, proj_in, conv1d=True)
-        f = blk.mlp.c_fc.nf
-        ffn = spec.add_space(Space(f"ffn.{l}", "ffn", f, _ffn_classes(spec.act), layer=l))
-        _linear(spec, f"{p}.mlp.c_fc", blk.mlp.c_fc, _whole(f, (ffn, "out")), R_in, conv1d=True)
-        _linear(spec, f"{p}.mlp.c_proj", blk.mlp.c_proj, R_out, _whole(f, (ffn, "in")), conv1d=True)
-    _norm(spec, "transformer.ln_f", model.transformer.ln_f, d)
-    # tied or not, lm_head reads ln_f's output; tied weights must be untied (canonicalize) before
-    # any non-permutation acts on the residual stream, since wte writes and lm_head reads.
-    spec.set_axis("lm_head.weight", 1, 2, R_in)
-    return spec
-
-
 def build_spec(model):
-    """The :class:`Spec` of a stock model, derived from the instance (its modules and shapes).
+    """The :class:`Spec` of a supported model, derived from the instance (its modules and shapes).
 
-    Supports ``nn.Sequential`` MLPs (:func:`mlp_layers`), timm ``VisionTransformer`` and HF
-    ``GPT2LMHeadModel`` (the classes themselves, not subclasses). Coverage is checked, not assumed:
-    every submodule must be of a known type and every parameter and buffer must be placed on the
-    table's axes or listed as invariant (``Spec.invariant``); anything else raises
-    :class:`UnsupportedModelError` naming the unsupported part.
+    The model's family (``families.detect``: ``nn.Sequential`` MLPs, timm ``VisionTransformer``,
+    HF ``GPT2LMHeadModel``, circuit models, ...) builds the table and checks its module types and
+    exact class. Coverage is checked here, not assumed: every parameter and buffer must be placed on
+    the table's axes or listed as invariant (``Spec.invariant``) and no module may carry a hook;
+    anything else raises :class:`UnsupportedModelError` naming the unsupported part.
     """
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(f"a {type(model).__name__} is not a model: expected a torch nn.Module")
-    if getattr(model, "glmc_family", None) == "circuit":
-        spec = model.spec()
-        return _check_coverage(model, spec)
-    if isinstance(model, nn.Sequential):
-        return _check_coverage(model, _spec_mlp(model))
-    try:
-        from timm.models.vision_transformer import VisionTransformer
-        if isinstance(model, VisionTransformer):
-            spec = _check_coverage(model, _spec_vit(model))
-            _check_module_types(model, _vit_module_types())
-            return _exact_class(model, VisionTransformer, spec)
-    except ImportError:  # pragma: no cover
-        pass
-    from transformers import GPT2LMHeadModel
-    if isinstance(model, GPT2LMHeadModel):
-        spec = _check_coverage(model, _spec_gpt2(model))
-        _check_module_types(model, _gpt2_module_types())
-        return _exact_class(model, GPT2LMHeadModel, spec)
-    raise UnsupportedModelError(
-        f"{type(model).__name__} is not supported: glmc_mini handles nn.Sequential MLPs, timm "
-        "VisionTransformer and transformers GPT2LMHeadModel")
+    from .families import detect
+    return _check_coverage(model, detect(model).spec(model))
 
 
 def _check_coverage(model, spec):
@@ -452,6 +260,15 @@ def _check_hooks(model):
                 raise UnsupportedModelError(f"{name or type(model).__name__} has a {kind}: a hook may change what the "
                                             "module computes, and glmc_mini cannot transform it exactly; remove it "
                                             "(handle.remove()) before aligning, merging or converting")
+
+
+def _stock_checks(model, spec, allowed, cls):
+    """The checks of a stock library class, in the order that names the most specific reason first:
+    coverage (an unplaced parameter, e.g. a subclass's extra token), every submodule of a type in
+    ``allowed`` (:func:`_check_module_types`), then the class itself, not a subclass. Returns ``spec``."""
+    _check_coverage(model, spec)
+    _check_module_types(model, allowed)
+    return _exact_class(model, cls, spec)
 
 
 def _exact_class(model, cls, spec):

@@ -70,8 +70,43 @@ def small_linalg(fn, *args):
 
 
 class Transform:
-    """Base class: one element of a symmetry class acting on one space."""
+    """Base class: one element of a symmetry class acting on one space.
+
+    Each class keeps its rules here, in one place (the solvers of ``matching`` aside, which work on
+    the space's kind): ``draw`` (a random element for a space), ``neutral`` (the identity),
+    ``validate`` (what an element must satisfy on a space beyond its size), ``compare`` (the
+    difference of two solutions, ``gap``), ``to_parameter`` / ``from_parameter`` (the free
+    parameters of learned matching and their projection onto the class)."""
     cls = None  # "perm" | "semi" | "orth" | "inv"
+    why = ""  # where the class acts exactly (for refusals)
+
+    @classmethod
+    def draw(cls, space, generator=None):
+        """A random element acting on ``space``."""
+        raise NotImplementedError
+
+    @classmethod
+    def neutral(cls, space):
+        """The identity of ``space`` in this class."""
+        raise NotImplementedError
+
+    def validate(self, space, state, spec):
+        """UnsupportedModelError if this element cannot act on ``space`` of the model with ``state``."""
+
+    def compare(self, other):
+        """{"class": ..., headline numbers}: how ``other`` differs from this solution (``gap``)."""
+        raise NotImplementedError
+
+    @classmethod
+    def to_parameter(cls, T, space):
+        """{name suffix: tensor}: the free parameters of learned matching starting at ``T`` ("" is
+        trained; other entries are constant buffers)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_parameter(cls, tensors, space, hard=False):
+        """The element given by :meth:`to_parameter`'s tensors: differentiable, or ``hard`` (detached)."""
+        raise NotImplementedError
 
     @property
     def n(self):
@@ -82,8 +117,8 @@ class Transform:
         return self.out_matrix().shape[0]
 
     def matrix(self, role):
-        """The along-axis matrix for ``role`` ("out", "in" or "norm")."""
-        if role == "out":
+        """The along-axis matrix for ``role`` ("out", "copy", "in", "norm" or "gain")."""
+        if role in ("out", "copy"):
             return self.out_matrix()
         if role == "in":
             return self.in_matrix()
@@ -93,7 +128,7 @@ class Transform:
         raise UnsupportedModelError(f"a {type(self).__name__} does not commute with LayerNorm; "
                                     "only permutations and orthogonal maps act on the residual stream")
 
-    def apply(self, x, dim, role, unit=1, blocks=1):
+    def apply(self, x, dim, role, unit=1, blocks=1, repeat=1):
         """Act on axis ``dim`` of ``x`` (length n * unit) with the matrix of ``role``: kron(R, I_unit)."""
         R = self.matrix(role).to(device=x.device, dtype=x.dtype)
         y = _move(x, dim)
@@ -136,7 +171,7 @@ class Permutation(Transform):
 
     m = n
 
-    def apply(self, x, dim, role, unit=1, blocks=1):
+    def apply(self, x, dim, role, unit=1, blocks=1, repeat=1):
         if self._matrix is not None:
             return super().apply(x, dim, role, unit)
         idx = (self.perm.to(x.device)[:, None] * unit + torch.arange(unit, device=x.device)).reshape(-1)
@@ -165,6 +200,42 @@ class Permutation(Transform):
     @staticmethod
     def random(n, generator=None):
         return Permutation(torch.randperm(n, generator=generator))
+
+    why = "permutations act wherever units meet an element-wise map"
+
+    @classmethod
+    def draw(cls, space, generator=None):
+        if space.blocks > 1:  # each unit stays in its block (query heads in their key-value group)
+            size = space.size // space.blocks
+            return Permutation(torch.cat([b * size + torch.randperm(size, generator=generator)
+                                          for b in range(space.blocks)]))
+        return Permutation.random(space.size, generator)
+
+    @classmethod
+    def neutral(cls, space):
+        return Permutation.identity(space.size)
+
+    def compare(self, other):
+        return _compare_units(self, other)
+
+    @classmethod
+    def to_parameter(cls, T, space):
+        """Scores S [n, n], one-hot at T's assignment (a semi-permutation's sources)."""
+        P = T.out_matrix() if isinstance(T, Permutation) else Permutation(T.src).out_matrix()
+        return {"": P.float().clone()}
+
+    @classmethod
+    def from_parameter(cls, tensors, space, hard=False):
+        """hungarian(S) (within the blocks of a block-structured space), straight-through:
+        the forward pass uses the hard permutation, the gradient flows to S."""
+        from .matching import assignment
+        S = tensors[""]
+        outside = 0.0
+        if space.blocks > 1:
+            b = torch.arange(S.shape[0], device=S.device) // (S.shape[0] // space.blocks)
+            outside = torch.where(b[:, None] == b[None, :], 0.0, -1e9).to(S.dtype)
+        P = assignment(S + outside)
+        return P if hard else Permutation(P.perm, P.out_matrix().to(S) + S - S.detach())
 
 
 class SemiPermutation(Transform):
@@ -219,11 +290,13 @@ class SemiPermutation(Transform):
     def in_matrix(self):
         return self._sparse(self.share / self.scale)
 
-    def apply(self, x, dim, role, unit=1, blocks=1):
+    def apply(self, x, dim, role, unit=1, blocks=1, repeat=1):
         idx = (self.src.to(x.device)[:, None] * unit + torch.arange(unit, device=x.device)).reshape(-1)
+        if role in ("norm", "gain"):
+            return self.norm_matrix()  # raises: only permutations and orthogonal maps act there
+        if role == "copy":  # copied, never rescaled (a SwiGLU gate row)
+            return x.index_select(dim, idx)
         w = self.scale if role == "out" else self.share / self.scale
-        if role == "norm":
-            return self.norm_matrix()
         w = w.to(x.device, x.dtype).repeat_interleave(unit)
         y = _move(x.index_select(dim, idx), dim)
         return (y * w.view(-1, *([1] * (y.dim() - 1)))).movedim(0, dim)
@@ -248,6 +321,26 @@ class SemiPermutation(Transform):
     @staticmethod
     def identity(n):
         return SemiPermutation(torch.arange(n), n=n)
+
+    why = "semi-permutations are exact only for ReLU units, SwiGLU units (their up factor) and attention heads"
+
+    @classmethod
+    def draw(cls, space, generator=None):
+        return SemiPermutation.random(space.size, generator=generator)
+
+    @classmethod
+    def neutral(cls, space):
+        return SemiPermutation.identity(space.size)
+
+    def validate(self, space, state, spec):
+        if space.kind == "heads" and bool((self.scale != 1).any()):
+            raise UnsupportedModelError("attention heads admit splitting but not rescaling (scale must be 1)")
+
+    def compare(self, other):
+        return _compare_units(self, other)
+
+    to_parameter = Permutation.to_parameter  # learned matching searches its permutation part
+    from_parameter = Permutation.from_parameter
 
     @staticmethod
     def random(n, m=None, generator=None, max_scale=2.0):
@@ -302,6 +395,51 @@ class Orthogonal(Transform):
     def identity(n):
         return Orthogonal(torch.eye(n))
 
+    why = "orthogonal maps act only on the residual stream"
+
+    @classmethod
+    def draw(cls, space, generator=None):
+        return Orthogonal.random(space.size, generator=generator, fix_ones=space.fix_ones)
+
+    @classmethod
+    def neutral(cls, space):
+        return Orthogonal.identity(space.size)
+
+    def validate(self, space, state, spec):
+        if space.kind == "residual":
+            _check_residual(space, self, state, spec)
+
+    def compare(self, other):
+        return _compare_orthogonal(self.out_matrix(), other.out_matrix())
+
+    @classmethod
+    def to_parameter(cls, T, space):
+        """Z = Q^T O Q on the subspace the map is free on (Q: a basis of 1-perp where O must fix the
+        all-ones direction, else the identity)."""
+        d = T.O.shape[0]
+        Q = (ones_complement(d, torch.float32) if space.fix_ones else torch.eye(d)).to(T.O.device)
+        return {"": Q.T @ T.O.float() @ Q, "_Q": Q}
+
+    @classmethod
+    def from_parameter(cls, tensors, space, hard=False):
+        """O = Q polar(Z) Q^T (+ u u^T where O fixes the all-ones direction); polar by Newton-Schulz
+        when differentiable (finite gradients where an SVD's would not be), by SVD when hard."""
+        from .learned import newton_schulz_polar
+        from .matching import polar
+        Z, Q = tensors[""], tensors["_Q"]
+        R = polar(Z.detach()).to(Z) if hard else newton_schulz_polar(Z)
+        d = Q.shape[0]
+        ones = 1.0 / d if Q.shape[1] < d else 0.0
+        return Orthogonal(Q @ R @ Q.T + torch.full((d, d), ones, device=Z.device, dtype=Z.dtype))
+
+    @staticmethod
+    def retract(tensors):
+        """Put Z back on the group after an optimiser step (keeps Newton-Schulz in its basin)."""
+        from .matching import polar
+        Z = tensors[""]
+        with torch.no_grad():
+            Z.copy_(polar(Z).to(Z))
+
     @staticmethod
     def random(n, m=None, generator=None, fix_ones=True):
         """Haar-random on the subspace orthogonal to the all-ones vector (``fix_ones``), plus
@@ -348,16 +486,18 @@ class Invertible(Transform):
         """A^-T per block, computed in float64."""
         return small_linalg(torch.linalg.inv, self.A.double()).transpose(-1, -2).to(self.A.dtype)
 
-    def apply(self, x, dim, role, unit=1, blocks=1):
-        if role == "norm":
+    def apply(self, x, dim, role, unit=1, blocks=1, repeat=1):
+        """Block h acts on entries h*hd:(h+1)*hd; with ``repeat`` r, on each of r consecutive copies
+        of that span (one key-value head's map on each of its query heads)."""
+        if role in ("norm", "gain"):
             return self.norm_matrix()
         B = self.A if role == "out" else self.inv_t()
         B = B.to(device=x.device, dtype=x.dtype)
         H, hd, _ = B.shape
         y = _move(x, dim)
         rest = y.shape[1:]
-        y = torch.einsum("hij,hjr->hir", B, y.reshape(H, hd, -1))
-        return y.reshape(H * hd, *rest).movedim(0, dim)
+        y = torch.einsum("hij,hcjr->hcir", B, y.reshape(H, repeat, hd, -1))  # (H, r, hd, rest)
+        return y.reshape(H * repeat * hd, *rest).movedim(0, dim)
 
     def inverse(self):
         return Invertible(torch.linalg.inv(self.A.double()).to(self.A.dtype))
@@ -377,6 +517,41 @@ class Invertible(Transform):
     def identity(H, hd):
         return Invertible(torch.eye(hd).repeat(H, 1, 1))
 
+    why = "invertible maps act only on the per-head qk and ov spaces"
+
+    @classmethod
+    def draw(cls, space, generator=None):
+        kind = Rotary if space.rotary else Invertible
+        return kind.random(space.blocks, space.size // space.blocks, generator=generator)
+
+    @classmethod
+    def neutral(cls, space):
+        return (Rotary if space.rotary else Invertible).identity(space.blocks, space.size // space.blocks)
+
+    def validate(self, space, state, spec):
+        if space.rotary and not (isinstance(self, Rotary) or commutes_with_rotary(self.A)):
+            raise UnsupportedModelError(f"the per-head maps of {space.name!r} must commute with the rotary position "
+                                        "embedding (one scaled 2 x 2 rotation per frequency pair, symmetries.Rotary); "
+                                        "a general invertible map would change the attention scores")
+
+    def compare(self, other):
+        if not isinstance(other, Invertible):
+            raise TypeError(f"cannot compare {type(self).__name__} with {type(other).__name__}")
+        return {"class": "inv", "rel": _rel(other.A, self.A)}
+
+    @classmethod
+    def to_parameter(cls, T, space):
+        """The blocks themselves; under rotary embeddings (log scale, angle) per frequency pair."""
+        if space.rotary:
+            R = T if isinstance(T, Rotary) else Rotary.nearest(T.A.detach().float())
+            return {"": torch.stack([R.scale.float().log(), R.angle.float()]).clone()}
+        return {"": T.A.detach().float().clone()}
+
+    @classmethod
+    def from_parameter(cls, tensors, space, hard=False):
+        S = tensors[""].detach().clone() if hard else tensors[""]
+        return Rotary(S[0].exp(), S[1]) if space.rotary else Invertible(S)
+
     @staticmethod
     def random(H, hd, generator=None, cond=4.0):
         """Well-conditioned: U diag(s) V^T with Haar U, V and s log-uniform in [1/sqrt(cond), sqrt(cond)]."""
@@ -386,6 +561,103 @@ class Invertible(Transform):
         return Invertible(U @ torch.diag_embed(s) @ V.transpose(-1, -2))
 
 
+class Rotary(Invertible):
+    """Per-block maps that commute with rotary position embeddings: one scaled 2 x 2 rotation per
+    frequency pair. Hugging Face's ``rotate_half`` pairs coordinate i with i + hd/2 (frequency
+    theta_i) and rotates the pair by R(m theta_i) at position m. A query map A and key map A^-T
+    keep every score q^T R_m^T R_n k iff A^T commutes with every R(delta theta_i); with distinct
+    frequencies that is A = s_i R(phi_i) on each pair (the matrices commuting with a rotation are
+    a I + b J), so A^-T = R(phi_i) / s_i: hd parameters per block instead of hd^2.
+
+    Inputs: scale [H, hd/2] > 0, angle [H, hd/2] (radians). A subclass of :class:`Invertible`
+    (the same class, restricted), so it composes, inverts and applies like one."""
+
+    def __init__(self, scale, angle):
+        self.scale, self.angle = scale, angle
+        c, s = angle.cos() * scale, angle.sin() * scale          # (H, P)
+        D = torch.diag_embed
+        A = torch.cat([torch.cat([D(c), D(-s)], -1), torch.cat([D(s), D(c)], -1)], -2)  # (H, hd, hd)
+        super().__init__(A)
+
+    def inv_t(self):
+        """A^-T = R(phi) / s per pair, in closed form."""
+        return Rotary(1.0 / self.scale, self.angle).A
+
+    def inverse(self):
+        return Rotary(1.0 / self.scale, -self.angle)
+
+    def compose(self, first):
+        if isinstance(first, Rotary):
+            return Rotary(self.scale * first.scale, self.angle + first.angle)
+        return super().compose(first)
+
+    @staticmethod
+    def identity(H, hd):
+        return Rotary(torch.ones(H, hd // 2), torch.zeros(H, hd // 2))
+
+    @staticmethod
+    def random(H, hd, generator=None, max_scale=2.0):
+        """Scales log-uniform in [1/max_scale, max_scale], angles uniform in [-pi, pi)."""
+        log_s = (torch.rand(H, hd // 2, generator=generator) * 2 - 1) * math.log(max_scale)
+        angle = (torch.rand(H, hd // 2, generator=generator) * 2 - 1) * math.pi
+        return Rotary(log_s.exp(), angle)
+
+    @staticmethod
+    def nearest(A):
+        """The scaled rotations closest (Frobenius, per pair) to A [H, hd, hd]'s 2 x 2 pair blocks:
+        a I + b J with a = (A_ii + A_jj) / 2, b = (A_ji - A_ij) / 2 (j = i + hd/2)."""
+        P = A.shape[-1] // 2
+        i = torch.arange(P, device=A.device)
+        a = (A[:, i, i] + A[:, i + P, i + P]) / 2
+        b = (A[:, i + P, i] - A[:, i, i + P]) / 2
+        return Rotary(torch.hypot(a, b).clamp_min(1e-12), torch.atan2(b, a))
+
+
+def commutes_with_rotary(A, atol=1e-5):
+    """Is every block of A [H, hd, hd] a scaled rotation on each (i, i + hd/2) pair and zero elsewhere?"""
+    R = Rotary.nearest(A).A.to(A)
+    return bool(torch.allclose(A, R, atol=atol * max(1.0, float(A.abs().max()))))
+
+
+def _sources(T):
+    return T.perm if isinstance(T, Permutation) else T.src
+
+
+def _compare_units(Ta, Tb):
+    """Fraction of units sent elsewhere (and, for semi-permutations, the relative scale change)."""
+    sa, sb = _sources(Ta).cpu(), _sources(Tb).cpu()
+    if sa.shape != sb.shape:
+        raise ValueError(f"unit maps of different sizes: {len(sa)} and {len(sb)}")
+    out = {"class": "perm", "changed": float((sa != sb).float().mean())}
+    if isinstance(Ta, SemiPermutation) or isinstance(Tb, SemiPermutation):
+        out["class"] = "semi"
+        out["scale_rel"] = _rel(Tb.out_matrix(), Ta.out_matrix())
+    return out
+
+
+def eigen_angles(O):
+    """|angle| of each eigenvalue of an orthogonal O [n, n], in radians, sorted ascending.
+
+    Eigenvalues of a real orthogonal map come in pairs e^{±i theta} (and ±1), so each rotation
+    plane contributes its angle twice; the identity gives n zeros. Computed in float64.
+    """
+    ev = torch.linalg.eigvals(torch.as_tensor(O).detach().double().cpu())
+    return torch.sort(torch.angle(ev).abs()).values
+
+
+def _compare_orthogonal(Oa, Ob):
+    """Eigen-angles of the correction O_b O_a^T taking solution a to solution b, and ||O_b - O_a||_F."""
+    Oa, Ob = Oa.detach().double().cpu(), Ob.detach().double().cpu()
+    angles = eigen_angles(Ob @ Oa.T)
+    return {"class": "orth", "angles": angles, "max_angle": float(angles.max()),
+            "mean_angle": float(angles.mean()), "fro": float((Ob - Oa).norm())}
+
+
+def _rel(B, A):
+    A, B = A.detach().double().cpu(), B.detach().double().cpu()
+    return float((B - A).norm() / A.norm().clamp_min(1e-30))
+
+
 def _dense_compose(second, first):
     raise TypeError(f"cannot compose {type(second).__name__} after {type(first).__name__}: "
                     "they belong to different classes")
@@ -393,37 +665,45 @@ def _dense_compose(second, first):
 
 # --------------------------------------------------------------------------- on whole models
 
+CLASSES = {"perm": Permutation, "semi": SemiPermutation, "orth": Orthogonal, "inv": Invertible}
+
+
+def class_for(space, symmetries):
+    """The class that acts on ``space`` given the allowed ``symmetries``: the richest of the space's
+    classes among them -- invertible on qk / ov, orthogonal where allowed (the residual stream),
+    semi-permutations on FFN / hidden units, else permutations -- or None. The one rule used to draw
+    random elements, to start and run weight matching and to set up learned matching."""
+    allowed = [c for c in space.classes if c in symmetries]
+    if space.kind in ("qk", "ov"):
+        return "inv" if "inv" in allowed else None
+    if "orth" in allowed:
+        return "orth"
+    if "semi" in allowed and space.kind in ("ffn", "hidden"):
+        return "semi"
+    if ("perm" in symmetries or "semi" in symmetries) and ({"perm", "semi"} & set(space.classes)):
+        return "perm"
+    return None
+
+
 def identity_transforms(spec):
-    """The identity element on every space."""
-    out = {}
-    for name, s in spec.spaces.items():
-        if s.kind in ("qk", "ov"):
-            out[name] = Invertible.identity(s.blocks, s.size // s.blocks)
-        else:
-            out[name] = Permutation.identity(s.size)
-    return out
+    """The identity element on every space (per-head maps on qk / ov, permutations elsewhere)."""
+    return {name: (Invertible if s.kind in ("qk", "ov") else Permutation).neutral(s) for name, s in spec.spaces.items()}
 
 
 def random_transforms(spec, symmetries=("perm", "semi", "orth", "inv"), seed=0):
-    """A random element of the richest allowed class on each space (same widths).
+    """A random element of the richest allowed class on each space (same widths), :func:`class_for`.
 
-    Residual: orthogonal fixing the all-ones direction if "orth" (needs a canonical model), else a
-    permutation. FFN/hidden: a scaled permutation if "semi" and the activation is ReLU, else a
-    permutation. Heads: a permutation. qk/ov: well-conditioned per-head invertible maps if "inv".
+    Residual: orthogonal (fixing the all-ones direction where the norms are LayerNorms; needs a
+    canonical model), else a permutation. FFN/hidden: a scaled permutation if "semi" (ReLU or
+    SwiGLU), else a permutation. Heads: a permutation (within key-value groups for query heads).
+    qk/ov: well-conditioned per-head invertible maps if "inv" (scaled rotations under rotary).
     """
     g = torch.Generator().manual_seed(seed)
     out = {}
     for name, s in spec.spaces.items():
-        allowed = [c for c in s.classes if c in symmetries]
-        if s.kind in ("qk", "ov"):
-            if "inv" in allowed:
-                out[name] = Invertible.random(s.blocks, s.size // s.blocks, generator=g)
-        elif "orth" in allowed:
-            out[name] = Orthogonal.random(s.size, generator=g)
-        elif "semi" in allowed and s.kind != "heads":
-            out[name] = SemiPermutation.random(s.size, generator=g)
-        elif "perm" in allowed or "semi" in allowed:
-            out[name] = Permutation.random(s.size, generator=g)
+        c = class_for(s, symmetries)
+        if c is not None:
+            out[name] = CLASSES[c].draw(s, g)
     return out
 
 
@@ -478,41 +758,49 @@ def invert_transforms(transforms):
     return out
 
 
+def _resizable(spec, kind):
+    """Whether a transform may change the width of a space of ``kind`` (``Family.resizable``): FFN /
+    hidden units on a stock model (``apply_transforms`` resizes its Linear layers); any space of a
+    model that resizes itself (None: a circuit model's ``resize_to``)."""
+    from .families import Family, by_name
+    try:
+        kinds = by_name(spec.family).resizable
+    except ValueError:  # a table of no registered family: the stock rule
+        kinds = Family.resizable
+    return kinds is None or kind in kinds
+
+
 def _check_transform(space, T, state, spec):
+    """What every element must satisfy on ``space`` (its class allowed there, its size, no width
+    change where the family forbids it, permutations inside the blocks of a block-structured
+    space), then its class's own rules (:meth:`Transform.validate`)."""
     permutation = T.cls == "perm" or T.is_permutation()
     if not permutation and T.cls not in space.classes:
-        why = {"semi": "semi-permutations are exact only for ReLU units and attention heads",
-               "orth": "orthogonal maps act only on the residual stream",
-               "inv": "invertible maps act only on the per-head qk and ov spaces"}[T.cls]
-        raise UnsupportedModelError(f"a {type(T).__name__} cannot act on space {space.name!r}: {why}")
+        raise UnsupportedModelError(f"a {type(T).__name__} cannot act on space {space.name!r}: {CLASSES[T.cls].why}")
     if T.n != space.size or (isinstance(T, Invertible) and T.A.shape[0] != space.blocks):
         raise ValueError(f"a {type(T).__name__} of {T.n} units cannot act on space {space.name!r} of "
                          f"{space.size} units" + (f" in {space.blocks} blocks" if space.blocks > 1 else ""))
-    if T.m != T.n and spec.family in ("mlp", "vit", "gpt2") and space.kind not in ("ffn", "hidden"):
+    if T.m != T.n and not _resizable(spec, space.kind):
         raise UnsupportedModelError(f"a {type(T).__name__} {T.n} -> {T.m} cannot change the width of space "
                                     f"{space.name!r} of a stock model: only FFN / hidden layers can be resized")
-    if permutation and space.blocks > 1:  # block-diagonal spaces (qk, ov): entries must stay in their head
+    if permutation and space.blocks > 1:  # block-diagonal spaces: entries must stay in their block
         src = T.perm if isinstance(T, Permutation) else T.src
         unit = space.size // space.blocks
         if not torch.equal(src.cpu() // unit, torch.arange(len(src)) // unit):
             raise UnsupportedModelError(f"a permutation of space {space.name!r} moves entries between heads; "
                                         "per-head maps keep every entry in its head (reorder whole heads "
                                         "with the heads space)")
-    if permutation:
-        return
-    if space.kind == "heads" and bool((T.scale != 1).any()):
-        raise UnsupportedModelError("attention heads admit splitting but not rescaling (scale must be 1)")
-    if space.kind == "residual":
-        _check_residual(T, state, spec)
+    if not permutation:
+        T.validate(space, state, spec)
 
 
-def _check_residual(T, state, spec):
-    if isinstance(T, Orthogonal) and not T.fixes_ones():
+def _check_residual(space, T, state, spec):
+    if isinstance(T, Orthogonal) and space.fix_ones and not T.fixes_ones():
         raise UnsupportedModelError("an orthogonal map of the residual stream must fix the all-ones direction "
                                     "(O 1 = 1) to commute with LayerNorm; see Orthogonal.random / ones_complement")
     for p, axes in spec.axes.items():
         gains = p.endswith(".weight") or p.endswith(".gamma")
-        if gains and any(ax and ax[0].chain[0][1] == "norm" for ax in axes):
+        if gains and any(ax and ax[0].chain[0][1] in ("norm", "gain") for ax in axes):
             g = state[p]
             if not torch.allclose(g, torch.ones_like(g), atol=1e-6):
                 raise UnsupportedModelError(f"{p} is not 1: an orthogonal map of the residual stream needs the "
@@ -552,9 +840,11 @@ def _transform_axis(x, dim, segments, spec, transforms):
         y = x.narrow(dim, seg.start, seg.stop - seg.start)
         for space_name, role in seg.chain:
             T = transforms.get(space_name)
-            if T is not None:
-                space = spec.spaces[space_name]
-                y = T.apply(y, dim, role, unit=space.unit, blocks=space.blocks)
+            if T is None or (role == "gain" and not T.is_permutation()):
+                continue  # an all-ones RMSNorm gain: every orthogonal map leaves it as it is
+            space = spec.spaces[space_name]
+            y = T.apply(y, dim, role, unit=seg.unit_of(space_name, space.unit), blocks=space.blocks,
+                        repeat=seg.repeat_of(space_name))
         pieces.append(y)
     if end < x.shape[dim]:
         pieces.append(x.narrow(dim, end, x.shape[dim] - end))

@@ -26,7 +26,8 @@ import math
 import torch
 import torch.nn as nn
 
-from .canonical import _untie, canonicalize
+from .canonical import canonicalize
+from .families import FAMILIES, detect
 from .spaces import build_spec
 from .symmetries import Orthogonal, ones_complement, transform_state
 
@@ -52,37 +53,23 @@ def _layer_norms(model):
     return [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
 
 
-def _attentions(model, family):
-    return [blk.attn for blk in (model.blocks if family == "vit" else model.transformer.h)]
-
-
-def _logit_scale(attn, hd):
-    """The factor on q . k: timm's ``scale``, HF's ``scaling``, or (older HF) from the config flags."""
-    for name in ("scale", "scaling"):
-        if isinstance(getattr(attn, name, None), float):
-            return getattr(attn, name)
-    scale = hd ** -0.5 if attn.scale_attn_weights else 1.0
-    return scale / (attn.layer_idx + 1) if attn.scale_attn_by_inverse_layer_idx else scale
-
-
-def _head_dim(spec, l):
-    qk = spec.spaces[f"qk.{l}"]
-    return qk.size // qk.blocks
-
-
-def _query_scales(narrow, wide, spec_n, spec_w):
-    """Per layer, c with c * scale_wide = scale_narrow: sqrt(hd2 / hd1) for the stock hd^-1/2."""
-    pairs = zip(_attentions(narrow, spec_n.family), _attentions(wide, spec_w.family))
-    return [_logit_scale(a1, _head_dim(spec_n, l)) / _logit_scale(a2, _head_dim(spec_w, l))
-            for l, (a1, a2) in enumerate(pairs)]
+def _query_scales(narrow, wide, family):
+    """Per layer, c with c * scale_wide = scale_narrow: sqrt(hd2 / hd1) for the stock hd^-1/2
+    (the family's ``attention_logit_scale``)."""
+    return [family.attention_logit_scale(narrow, l) / family.attention_logit_scale(wide, l)
+            for l in range(len(family.blocks(narrow)))]
 
 
 def _check(narrow, wide_like, spec_n, spec_w):
     """ValueError naming the first reason the narrow model cannot be embedded into the wide one."""
     if spec_n.family != spec_w.family:
         raise ValueError(f"models of different families: {spec_n.family} and {spec_w.family}")
-    if spec_n.family not in ("vit", "gpt2"):
-        raise ValueError(f"embed_wider works on transformers (vit, gpt2), not {spec_n.family}")
+    if not detect(narrow).supports("attention_logit_scale"):
+        able = ", ".join(f.name for f in FAMILIES if f.supports("attention_logit_scale"))
+        raise ValueError(f"embed_wider works on transformers ({able}), not {spec_n.family}")
+    if any(s.rotary for s in spec_n.spaces.values()):
+        raise ValueError(f"embed_wider does not widen {spec_n.family} models: with rotary embeddings the head size "
+                         "sets the rotation frequencies (theta_i = base^(-2i/hd)), so padding heads would change them")
     depth_n, depth_w = len(spec_n.of_kind("ffn")), len(spec_w.of_kind("ffn"))
     if depth_n != depth_w:
         raise ValueError(f"models of different depths: {depth_n} and {depth_w} blocks")
@@ -152,10 +139,9 @@ def pad_state(state, spec_n, spec_w, q_scale):
 # --------------------------------------------------------------------------- entry point
 
 def _load_into(wide_like, state, family):
-    """A copy of ``wide_like`` (untied for GPT-2) holding ``state``; shape mismatches named."""
-    wide = copy.deepcopy(wide_like)
-    if family == "gpt2":
-        _untie(wide)
+    """A copy of ``wide_like`` (untied by its family: GPT-2's lm_head) holding ``state``; shape
+    mismatches named."""
+    wide = family.untie(copy.deepcopy(wide_like))
     own = wide.state_dict()
     for k in own:
         if k not in state or state[k].shape != own[k].shape:
@@ -183,11 +169,11 @@ def embed_wider(narrow, wide_like, seed=None):
     _check(narrow, wide_like, spec_n, spec_w)
     d1, d2 = spec_n.spaces["residual"].size, spec_w.spaces["residual"].size
     C = canonicalize(narrow)
-    spec_c = build_spec(C)
-    q_scale = _query_scales(C, wide_like, spec_c, spec_w)
+    spec_c, family = build_spec(C), detect(C)
+    q_scale = _query_scales(C, wide_like, family)
     E = residual_embedding(d1, d2, seed)
     with torch.no_grad():
         state = {k: v.double() if v.is_floating_point() else v for k, v in C.state_dict().items()}
         state = transform_state(state, spec_c, {"residual": Orthogonal(E.O.double())}, check=False)
         state = pad_state(state, spec_c, spec_w, q_scale)
-    return canonicalize(_load_into(wide_like, state, spec_c.family))
+    return canonicalize(_load_into(wide_like, state, family))
