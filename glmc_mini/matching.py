@@ -746,13 +746,29 @@ class _Problem:
         perm = (groups if groups is not None else T[heads].perm).to(XA.device)
         dtype = self.A[self.params[space][0]].dtype
         if sp.rotary:
-            scale, angle = match_rotary(XA, YA, XB, YB)  # G = Rotary(scale, angle).A, so A = G^T: angle -> -angle
+            scale, angle = small_linalg(match_rotary, XA, YA, XB, YB)  # G = Rotary(scale, angle).A: A = G^T
             by_source = lambda v: torch.empty_like(v).index_copy_(0, perm, v)
             return Rotary(by_source(scale).to(dtype), by_source(-angle).to(dtype))
-        Gm = match_factors(XA, YA, XB, YB)
+        balanced_b = None
+        if within is not None and ("residual" not in T or _isometry(T["residual"]) is not None):
+            balanced_b = self._b_group_balancing(space, x, y, groups)  # a row reordering or isometry keeps it
+        if space not in self._balanced_a:
+            self._balanced_a[space] = (XA, YA, balanced(XA, YA))
+        Gm = match_factors(XA, YA, XB, YB, balanced_a=self._balanced_a[space][2], balancing_b=balanced_b)
         blocks = torch.empty_like(Gm)
         blocks[perm] = Gm.transpose(1, 2)
         return Invertible(blocks.to(dtype))
+
+    def _b_group_balancing(self, space, x, y, groups):
+        """B's per-group balancing, computed once on B itself and reordered by ``groups``: it depends on
+        the factors' Gram matrices only, which neither a residual isometry nor a reordering of the
+        stacked query heads changes (:func:`match_factors`)."""
+        if space not in self._balancing_b:
+            sp = self.spec.spaces[space]
+            fb = head_factors(self.spec, self.B, sp.layer, (x, y))
+            self._balancing_b[space] = balancing(*(grouped(fb[k].double(), sp.blocks) for k in (x, y)))
+        G = self._balancing_b[space]
+        return G[groups.to(G.device)]
 
     def _query_count(self, layer):
         """H, the query heads of ``layer``."""

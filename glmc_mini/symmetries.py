@@ -710,7 +710,7 @@ def random_transforms(spec, symmetries=("perm", "semi", "orth", "inv"), seed=0):
 def _heads_space(name):
     """The heads space whose permutation acts after the per-head maps of ``name`` ("qk.3" -> "heads.3")."""
     kind, _, layer = name.partition(".")
-    return f"heads.{layer}" if kind in ("qk", "ov") else None
+    return f"heads.{layer}" if kind in ("qk", "ov", "qheads") else None
 
 
 def _head_order(P):
@@ -726,7 +726,11 @@ def _per_head(T, heads, name, inverse):
     """Re-index the per-head blocks of ``T`` (qk/ov) across the heads map acting after the per-head maps.
 
     Along a q/k/v axis a transform set acts as ``P A`` (A block-diagonal, then the heads order P), so
-    ``P2 A2 P1 A1 = (P2 P1) (P1^-1 A2 P1) A1`` and ``(P A)^-1 = P^-1 (P A^-1 P^-1)``."""
+    ``P2 A2 P1 A1 = (P2 P1) (P1^-1 A2 P1) A1`` and ``(P A)^-1 = P^-1 (P A^-1 P^-1)``. The same
+    holds for a permutation Q of query heads within their key-value groups (qheads), with P the
+    group order acting on whole groups of query heads."""
+    if heads is not None and name.startswith("qheads.") and isinstance(T, Permutation):
+        return _query_heads_across(T, heads, name, inverse)
     if heads is None or not isinstance(T, Invertible):
         return T
     order = _head_order(heads)
@@ -735,7 +739,22 @@ def _per_head(T, heads, name, inverse):
             return T
         raise ValueError(f"cannot move the per-head maps of {name!r} across a head-splitting map")
     order = order.to(T.A.device)
-    return Invertible(T.A[order] if inverse else T.A[torch.argsort(order)])
+    idx = order if inverse else torch.argsort(order)
+    return Rotary(T.scale[idx], T.angle[idx]) if isinstance(T, Rotary) else Invertible(T.A[idx])
+
+
+def _query_heads_across(Q, heads, name, inverse):
+    """Q (query heads, within groups) moved across the group order P: as query-head index maps,
+    P Q P^-1 (compose) or P^-1 Q P (inverse), so that (P2 Q2)(P1 Q1) = (P2 P1)(P1^-1 Q2 P1 Q1)."""
+    order = _head_order(heads)
+    if order is None:
+        raise ValueError(f"cannot move the query-head order of {name!r} across a head-splitting map")
+    G, H = len(order), len(Q.perm)
+    r = H // G
+    P = (order.cpu()[:, None] * r + torch.arange(r)).reshape(-1)  # group order as a map of query heads
+    P_inv = torch.argsort(P)
+    perm = Q.perm.cpu()
+    return Permutation(P_inv[perm[P]] if inverse else P[perm[P_inv]])
 
 
 def compose_transforms(second, first):

@@ -241,3 +241,30 @@ def test_llama_preset_builds_the_stock_class():
     assert type(model) is LlamaForCausalLM and gm.model_family(model) == "llama"
     assert model.config.num_key_value_heads < model.config.num_attention_heads  # grouped-query attention
     assert not model.config.tie_word_embeddings
+
+
+def test_compose_and_invert_carry_query_heads_and_rotary_maps_across_group_orders():
+    canon = gm.canonicalize(decoder(H=4, G=2, seed=4))
+    spec = gm.build_spec(canon)
+    x = torch.randint(0, VOCAB, (2, 10))
+    first, second = random_transforms(spec, ALL, seed=1), random_transforms(spec, ALL, seed=2)
+    both = gm.compose_transforms(second, first)
+    assert isinstance(both["qk.0"], Rotary)
+    step = apply_transforms(apply_transforms(canon, first), second).state_dict()
+    once = apply_transforms(canon, both)
+    # the same parameters (not only the same function, which any transform keeps)
+    assert max(float((once.state_dict()[k] - step[k]).abs().max() / step[k].abs().max().clamp_min(1e-12))
+               for k in step) <= 1e-4
+    assert rel(logits(once, x), logits(canon, x)) <= 1e-4
+    B = transform_state(dict(once.state_dict()), spec, gm.invert_transforms(both))
+    A = canon.state_dict()
+    assert max(float((A[k] - B[k]).abs().max() / A[k].abs().max().clamp_min(1e-12)) for k in A) <= 1e-4
+
+
+def test_align_many_keeps_every_decoders_function():
+    models = [decoder(H=4, G=2, seed=s) for s in range(3)]
+    x = torch.randint(0, VOCAB, (2, 10))
+    res = gm.align_many(models, method="weight", progress=False)
+    for before, after in zip(models, res.models):
+        assert type(after) is LlamaForCausalLM
+        assert rel(logits(after, x), logits(before, x)) <= 1e-4
