@@ -310,3 +310,130 @@ def test_chapter_has_a_references_section(path):
     cells = [cell_text(c) for c in read_notebook(path)["cells"] if c["cell_type"] == "markdown"]
     assert any(re.search(r"^## References$", text, re.M) for text in cells[-3:]), (
         f"{path.name}: the chapter must end with a '## References' section")
+
+
+# --- the course kit: numbered statements, exercises with solutions, instructor's guide ---
+# (sphinx-proof and sphinx-exercise; the format is described in book/instructor_guide.md)
+
+CHAPTERS = sorted((ROOT / "notebooks").glob("[0-9]*.ipynb"))
+needs_chapters = pytest.mark.skipif(not CHAPTERS, reason="no chapter notebooks yet")
+DIRECTIVE = re.compile(r"^(?P<fence>:{3,}|`{3,})\{(?P<name>[\w:-]+)\}[ \t]*(?P<arg>.*)$")
+OPTION = re.compile(r"^:(?P<key>[\w-]+):[ \t]*(?P<value>.*)$")
+STATEMENTS = ("prf:definition", "prf:proposition", "prf:theorem", "prf:lemma", "prf:corollary")
+PRF_REF = re.compile(r"\{prf:ref\}`(?:[^`<]*<)?([\w-]+)>?`")
+
+
+def directives(text):
+    """(name, argument, options) of every MyST directive opened in ``text``, in order."""
+    found, lines = [], text.splitlines()
+    for i, line in enumerate(lines):
+        match = DIRECTIVE.match(line)
+        if not match:
+            continue
+        options = {}
+        for following in lines[i + 1:]:
+            option = OPTION.match(following)
+            if not option:
+                break
+            options[option["key"]] = option["value"].strip()
+        found.append((match["name"], match["arg"].strip(), options))
+    return found
+
+
+def markdown_cells(path):
+    return [cell_text(c) for c in read_notebook(path)["cells"] if c["cell_type"] == "markdown"]
+
+
+def chapter_directives(path):
+    return [d for text in markdown_cells(path) for d in directives(text)]
+
+
+def exercise_labels(path):
+    return [opts.get("label") for name, _, opts in chapter_directives(path) if name == "exercise"]
+
+
+@needs_chapters
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+def test_chapter_has_labelled_exercises(path):
+    labels = exercise_labels(path)
+    assert len(labels) >= 2, f"{path.name}: needs at least two {{exercise}} directives, has {len(labels)}"
+    assert all(labels), f"{path.name}: every {{exercise}} needs a :label: (solutions refer to it)"
+    assert len(labels) == len(set(labels)), f"{path.name}: exercise labels used twice: {labels}"
+
+
+@needs_chapters
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+def test_every_exercise_has_a_hidden_solution(path):
+    found = chapter_directives(path)
+    solutions = [(arg, opts) for name, arg, opts in found if name in ("solution", "solution-start")]
+    solved = {arg for arg, _ in solutions}
+    unsolved = [label for label in exercise_labels(path) if label not in solved]
+    assert not unsolved, f"{path.name}: exercises without a {{solution}} or {{solution-start}}: {unsolved}"
+    orphans = sorted(solved - set(exercise_labels(path)))
+    assert not orphans, f"{path.name}: solutions to exercises that do not exist here: {orphans}"
+    shown = [arg for arg, opts in solutions if "dropdown" not in opts.get("class", "").split()]
+    assert not shown, f"{path.name}: solutions must be hidden until opened (:class: dropdown): {shown}"
+
+
+@needs_chapters
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+def test_gated_solutions_are_closed(path):
+    # {solution-start} ... code cells ... {solution-end}: strictly alternating, none left open.
+    gates = [name for name, _, _ in chapter_directives(path) if name in ("solution-start", "solution-end")]
+    expected = ["solution-start", "solution-end"] * (len(gates) // 2)
+    assert gates == expected, f"{path.name}: {{solution-start}} / {{solution-end}} do not pair up: {gates}"
+
+
+@needs_chapters
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+def test_chapter_has_numbered_statements_with_proofs(path):
+    statements = [(name, opts) for name, _, opts in chapter_directives(path) if name in STATEMENTS]
+    assert statements, f"{path.name}: no numbered statement ({{prf:definition}}, {{prf:proposition}}, ...)"
+    unlabelled = [name for name, opts in statements if not opts.get("label")]
+    assert not unlabelled, f"{path.name}: statements without a :label: ({unlabelled})"
+    # every proposition (theorem, lemma, corollary) is proved in the same cell, before the next one
+    for text in markdown_cells(path):
+        names = [name for name, _, _ in directives(text)]
+        for i, name in enumerate(names):
+            if name in STATEMENTS[1:]:
+                rest = names[i + 1:]
+                nxt = next((n for n in rest if n in STATEMENTS or n == "prf:proof"), None)
+                assert nxt == "prf:proof", f"{path.name}: a {name} without a {{prf:proof}} after it"
+
+
+def statement_labels():
+    labels = []
+    for path in CHAPTERS:
+        labels += [opts["label"] for name, _, opts in chapter_directives(path)
+                   if (name in STATEMENTS or name == "exercise") and opts.get("label")]
+    return labels
+
+
+@needs_chapters
+def test_statement_and_exercise_labels_are_unique_across_the_book():
+    labels = statement_labels()
+    dupes = sorted({label for label in labels if labels.count(label) > 1})
+    assert not dupes, f"labels used twice (prefix them with the chapter, ch<N>-): {dupes}"
+
+
+@needs_chapters
+def test_every_prf_ref_points_to_a_statement():
+    known = set(statement_labels())
+    missing = {(name, label) for name, text in book_texts() for label in PRF_REF.findall(text)
+               if label not in known}
+    assert not missing, f"{{prf:ref}} to labels that no statement defines: {sorted(missing)}"
+
+
+def test_the_course_kit_extensions_are_configured():
+    extensions = load_yaml("_config.yml")["sphinx"].get("extra_extensions", [])
+    assert {"sphinx_proof", "sphinx_exercise"} <= set(extensions), extensions
+    requirements = (ROOT / "requirements.txt").read_text(encoding="utf-8")
+    for package in ("sphinx-proof", "sphinx-exercise"):
+        assert re.search(rf"^{package}\b", requirements, re.M), f"{package} missing in requirements.txt"
+
+
+def test_instructor_guide_is_in_the_toc_and_covers_every_chapter():
+    assert "book/instructor_guide" in toc_files(), "book/instructor_guide.md is not listed in _toc.yml"
+    guide = (ROOT / "book" / "instructor_guide.md").read_text(encoding="utf-8")
+    missing = [p.stem for p in CHAPTERS if p.stem not in guide]
+    assert not missing, f"the instructor's guide has no section for: {missing}"
