@@ -234,6 +234,5 @@ class Llama(Family):
 
     def describe(self, config):
         m = config.model
-        return (f"Llama width {m['hidden_size']}, {m['num_hidden_layers']} layers, {m['num_attention_heads']} "
-                f"query / {m['num_key_value_heads']} key-value heads, SwiGLU {m['intermediate_size']}, "
-                f"block {config.block_size}")
+        return (f"Llama width {m['hidden_size']}, {m['num_hidden_layers']} layers, {m['num_attention_heads']} / "
+                f"{m['num_key_value_heads']} q / kv heads, SwiGLU {m['intermediate_size']}, block {config.block_size}")
