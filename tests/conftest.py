@@ -16,9 +16,10 @@ if not os.environ.get("GLMC_CACHE"):
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread(request):
-    """The tiny-model solver tests (align, many, widths) run on one intra-op thread: there threads
+    """The tiny-model solver tests (align, many, widths, the align command, distributed) run on one intra-op thread: there threads
     only cost time, a lot on a shared, oversubscribed machine."""
-    if request.module.__name__.rsplit(".", 1)[-1] not in ("test_align", "test_many", "test_widths"):
+    if request.module.__name__.rsplit(".", 1)[-1] not in ("test_align", "test_many", "test_widths",
+                                                          "test_align_command", "test_distributed"):
         yield
         return
     threads = torch.get_num_threads()

@@ -14,14 +14,6 @@ from glmc_mini.checkpoints import load_checkpoint
 TEXT = ("The quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs. " * 40)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _norms(model, seed):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
