@@ -178,11 +178,16 @@ def _first_attribute_difference(module_a, module_b):
     return None
 
 
-def _normalised(config):
-    """GPT-2's n_inner=None means 4 * n_embd (``apply_transforms`` writes the number)."""
-    if config.get("model_type") == "gpt2" and config.get("n_inner") is None:
-        config = dict(config, n_inner=4 * config["n_embd"])
-    return config
+def _normalised(model, config):
+    """``config`` with the implicit fields of ``model``'s family written out (``Family.config_defaults``);
+    as is for a model no family claims (``check_architecture`` compares any two models)."""
+    from .families import detect
+    from .spaces import UnsupportedModelError
+    try:
+        family = detect(model)
+    except UnsupportedModelError:
+        return config
+    return family.config_defaults(config)
 
 
 def _config_difference(model_a, model_b):
@@ -190,7 +195,7 @@ def _config_difference(model_a, model_b):
     ca, cb = getattr(model_a, "config", None), getattr(model_b, "config", None)
     if not (hasattr(ca, "to_dict") and hasattr(cb, "to_dict")):
         return None
-    da, db = _normalised(ca.to_dict()), _normalised(cb.to_dict())
+    da, db = _normalised(model_a, ca.to_dict()), _normalised(model_b, cb.to_dict())
     for key in list(da) + [k for k in db if k not in da]:
         if key.startswith("_") or key in _CONFIG_IGNORED:
             continue

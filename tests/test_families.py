@@ -138,3 +138,17 @@ def test_detection_imports_no_model_library():
             "try:\n    gm.detect(nn.Conv2d(1, 1, 3))\nexcept TypeError:\n    pass\n"
             "assert 'timm' not in sys.modules and 'transformers' not in sys.modules, sorted(sys.modules)\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_implicit_config_fields_compare_by_what_they_compute():
+    """GPT-2's ``n_inner=None`` is ``4 * n_embd``: the family writes it out before two configs are compared
+    (``Family.config_defaults``), so a model whose config spells the number is the same architecture."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from glmc_mini.checks import check_architecture
+    kw = dict(vocab_size=32, n_positions=8, n_embd=16, n_layer=1, n_head=2)
+    implicit, written, other = (GPT2LMHeadModel(GPT2Config(**kw, n_inner=n)) for n in (None, 64, 32))
+    assert by_name("gpt2").config_defaults(implicit.config.to_dict())["n_inner"] == 64
+    check_architecture(implicit, written)
+    with pytest.raises(ValueError, match="config.n_inner: 64 vs 32"):
+        check_architecture(implicit, other)
+    assert by_name("vit").config_defaults({"a": None}) == {"a": None}

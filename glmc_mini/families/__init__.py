@@ -70,6 +70,9 @@ class Family:
       ``untie(model) -> model``  in place: give parameters the stock model ties (one tensor in two
           places) their own tensors (``widths`` loads a canonical state into a copy); default: nothing is tied.
       ``describe(config) -> str``  one line of a preset's model sizes.
+      ``config_defaults(config) -> dict``  a Hugging Face config dict (``to_dict()``) with the
+          family's implicit fields written out (GPT-2's ``n_inner=None`` is ``4 * n_embd``), so
+          two configs compare by what they compute (``checks.check_architecture``); default: as is.
       ``supports(capability) -> bool``  whether this family overrides the refusing default.
 
     LayerNorm pre-norm transformers subclass ``prenorm.PreNormTransformer``, which implements the
@@ -129,6 +132,9 @@ class Family:
 
     def describe(self, config):
         return f"{self.name} {config.model}"
+
+    def config_defaults(self, config):
+        return config
 
 
 # The registry, in detection order: "module.Class" of this package, one line per family (a new

@@ -84,6 +84,12 @@ class GPT2(PreNormTransformer):
         pairs.append(("transformer.ln_f", ["lm_head"]))
         return pairs
 
+    def config_defaults(self, config):
+        """``n_inner=None`` means ``4 * n_embd`` (``apply_transforms`` writes the number when it resizes)."""
+        if config.get("n_inner") is None:
+            config = dict(config, n_inner=4 * config["n_embd"])
+        return config
+
     def untie(self, model):
         """lm_head gets its own copy of wte (``tie_word_embeddings`` off): canonical writers and readers differ."""
         if model.lm_head.weight is model.transformer.wte.weight:
