@@ -1,0 +1,154 @@
+"""Barrier against width: vanilla averaging, weight matching and learned matching on endpoint pairs
+of one task preset whose width alone changes (depth, heads, data and training fixed).
+
+    python benchmarks/width_study.py --task vit-digits --widths 32 64 128 256 --pairs 0,1 2,3
+                                     [--profile quick] [--methods vanilla weight learned]
+                                     [--steps N] [--form stock|circuit] [--json out.json]
+                                     [--figure out.png] [--markdown]
+
+The width is the residual width (``embed_dim`` of a ViT, ``n_embd`` of a GPT-2, ``hidden_size``
+of a Llama), with the feed-forward width scaled with it as in the preset (ViT ``mlp_ratio``;
+GPT-2 ``n_inner = 4 x width``; Llama ``intermediate_size`` in the preset's ratio) and the number
+of heads kept (so heads get wider). Endpoints are trained once per (width, seed) and cached like
+the book's (``gm.get_trained``). Each method aligns one pair with the main job's classes
+(``reproduce.METHODS``) and merges in ``--form`` (stock by default: what a user of stock models
+gets); learned matching takes the profile's steps (``reproduce.LEARNED_STEPS``) unless ``--steps``.
+Prints one row per width: the endpoints' mean test loss and, per method, the barrier of each
+pair, their mean and its share of vanilla averaging's barrier; ``--figure`` plots the mean barrier against width, one curve per
+method, with each pair's value as a dot.
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def with_width(config, width):
+    """``config`` with residual width ``width`` (feed-forward in the preset's ratio, heads kept)."""
+    from glmc_mini.profiles import replace
+    m = dict(config.model)
+    if config.family == "vit":
+        m["embed_dim"] = width
+    elif config.family == "gpt2":
+        m["n_inner"] = 4 * width if m.get("n_inner") is None else m["n_inner"] * width // m["n_embd"]
+        m["n_embd"] = width
+    elif config.family == "llama":
+        m["intermediate_size"] = m["intermediate_size"] * width // m["hidden_size"]
+        m["hidden_size"] = width
+    else:
+        raise SystemExit(f"width study: {config.task} is a {config.family} preset; use a ViT, GPT-2 or Llama task")
+    return replace(config, model=m)
+
+
+def measure(config, pair, methods, steps, form, test, task_data):
+    import glmc_mini as gm
+    from glmc_mini.reproduce import METHODS
+    models = [gm.get_trained(config, s, progress=False) for s in pair]
+    out = {}
+    for method in methods:
+        name, classes = METHODS[method]
+        start = time.perf_counter()
+        if method == "vanilla":
+            curve = gm.barrier(*models, test)
+            out[method], out["endpoint_loss"] = curve.barrier, (curve.loss_a + curve.loss_b) / 2
+        else:
+            train = task_data.loader("train", config.batch_size, shuffle=True, seed=pair[0], drop_last=True)
+            res = gm.align(*models, method=name, symmetries=classes, data=train, steps=steps, seed=pair[0],
+                           form=form, progress=False)
+            out[method] = gm.barrier(res.model_a, res.model_b, test).barrier
+        print(f"  width {config_width(config):4d} pair {pair}: {method:12s} {out[method]:.3f} "
+              f"({time.perf_counter() - start:.1f} s)", flush=True)
+    return out
+
+
+def config_width(config):
+    m = config.model
+    return m.get("embed_dim") or m.get("n_embd") or m.get("hidden_size")
+
+
+def table(results, methods):
+    lines = ["| width | endpoint loss | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
+    for width, per_pair in results.items():
+        cells = [f"{statistics.fmean(p['endpoint_loss'] for p in per_pair.values()):.3f}"]
+        for m in methods:
+            vals = [p[m] for p in per_pair.values()]
+            mean = statistics.fmean(vals)
+            share = "" if m == "vanilla" else f" ({mean / statistics.fmean(p['vanilla'] for p in per_pair.values()):.0%})"
+            cells.append(f"{mean:.2f}{share} [" + ", ".join(f"{v:.2f}" for v in vals) + "]")
+        lines.append(f"| {width} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(results, methods, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import glmc_mini as gm
+    from glmc_mini.reproduce import LABELS
+    fig, ax = gm.plots.figure(height=3.4)
+    widths = list(results)
+    for m in methods:
+        means = [statistics.fmean(p[m] for p in results[w].values()) for w in widths]
+        line, = ax.plot(widths, means, marker="o", label=LABELS[m])
+        for w in widths:
+            ys = [p[m] for p in results[w].values()]
+            ax.scatter([w] * len(ys), ys, s=10, color=line.get_color(), alpha=0.5)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(widths, [str(w) for w in widths])
+    ax.set_xlabel("residual width")
+    ax.set_ylabel("test-loss barrier (nats)")
+    ax.set_title(title)
+    gm.plots.style(ax)
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", default="vit-digits")
+    parser.add_argument("--profile", default="quick")
+    parser.add_argument("--widths", type=int, nargs="+", default=[32, 64, 128, 256])
+    parser.add_argument("--pairs", nargs="+", default=["0,1", "2,3"])
+    parser.add_argument("--methods", nargs="+", default=["vanilla", "weight", "learned"])
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--form", choices=("stock", "circuit"), default="stock")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--figure", default=None)
+    parser.add_argument("--markdown", action="store_true")
+    args = parser.parse_args()
+    import torch
+    import glmc_mini as gm
+    from glmc_mini.reproduce import LEARNED_STEPS, METHODS, test_batches
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+    methods = ["vanilla"] + [m for m in args.methods if m != "vanilla"]
+    pairs = [tuple(int(s) for s in p.split(",")) for p in args.pairs]
+    base = gm.task_config(args.task, args.profile)
+    task_data = gm.load_task(args.task)
+    test = test_batches(task_data, base)
+    steps = args.steps or LEARNED_STEPS[args.profile]
+    results, start = {}, time.perf_counter()
+    for width in args.widths:
+        config = with_width(base, width)
+        results[width] = {f"{a},{b}": measure(config, (a, b), methods, steps, args.form, test, task_data)
+                          for a, b in pairs}
+    print(f"\n{args.task}, profile {args.profile}, form {args.form}, learned steps {steps}, "
+          f"{torch.get_num_threads()} threads, {time.perf_counter() - start:.0f} s; "
+          "mean barrier (share of vanilla) [per pair]:")
+    print(table(results, methods))
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(task=args.task, profile=args.profile, form=args.form,
+                                                   steps=steps, pairs=args.pairs, results=results), indent=1))
+    if args.figure:
+        plot(results, methods, args.figure, f"{args.task} ({args.profile}), {args.form} form")
+
+
+if __name__ == "__main__":
+    main()
