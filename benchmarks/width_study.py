@@ -4,13 +4,14 @@ of one task preset whose width alone changes (depth, heads, data and training fi
     python benchmarks/width_study.py --task vit-digits --widths 32 64 128 256 --pairs 0,1 2,3
                                      [--profile quick] [--methods vanilla weight learned]
                                      [--steps N] [--form stock|circuit] [--json out.json]
-                                     [--figure out.png] [--markdown]
+                                     [--figure out.png] [--train-factor F] [--lr LR]
 
 The width is the residual width (``embed_dim`` of a ViT, ``n_embd`` of a GPT-2, ``hidden_size``
 of a Llama), with the feed-forward width scaled with it as in the preset (ViT ``mlp_ratio``;
 GPT-2 ``n_inner = 4 x width``; Llama ``intermediate_size`` in the preset's ratio) and the number
 of heads kept (so heads get wider). Endpoints are trained once per (width, seed) and cached like
-the book's (``gm.get_trained``). Each method aligns one pair with the main job's classes
+the book's (``gm.get_trained``). ``--train-factor`` multiplies the preset's training length
+(epochs or steps; the study's training-length axis) and ``--lr`` replaces its learning rate. Each method aligns one pair with the main job's classes
 (``reproduce.METHODS``) and merges in ``--form`` (stock by default: what a user of stock models
 gets); learned matching takes the profile's steps (``reproduce.LEARNED_STEPS``) unless ``--steps``.
 Prints one row per width: the endpoints' mean test loss and, per method, the barrier of each
@@ -43,6 +44,16 @@ def with_width(config, width):
     else:
         raise SystemExit(f"width study: {config.task} is a {config.family} preset; use a ViT, GPT-2 or Llama task")
     return replace(config, model=m)
+
+
+def with_training(config, factor=1.0, lr=None):
+    """``config`` trained ``factor`` times as long (epochs or steps), with learning rate ``lr`` if given."""
+    from glmc_mini.profiles import replace
+    changes = {"steps": max(1, round(config.steps * factor))} if config.steps else \
+        {"epochs": max(1, round(config.epochs * factor))}
+    if lr is not None:
+        changes["lr"] = lr
+    return replace(config, **changes)
 
 
 def measure(config, pair, methods, steps, form, test, task_data):
@@ -116,6 +127,8 @@ def main():
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--form", choices=("stock", "circuit"), default="stock")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--train-factor", type=float, default=1.0, help="training length x F")
+    parser.add_argument("--lr", type=float, default=None, help="training learning rate (default: the preset's)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--figure", default=None)
     parser.add_argument("--markdown", action="store_true")
@@ -130,7 +143,7 @@ def main():
         raise SystemExit(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
     methods = ["vanilla"] + [m for m in args.methods if m != "vanilla"]
     pairs = [tuple(int(s) for s in p.split(",")) for p in args.pairs]
-    base = gm.task_config(args.task, args.profile)
+    base = with_training(gm.task_config(args.task, args.profile), args.train_factor, args.lr)
     task_data = gm.load_task(args.task)
     test = test_batches(task_data, base)
     steps = args.steps or LEARNED_STEPS[args.profile]
@@ -139,12 +152,14 @@ def main():
         config = with_width(base, width)
         results[width] = {f"{a},{b}": measure(config, (a, b), methods, steps, args.form, test, task_data)
                           for a, b in pairs}
-    print(f"\n{args.task}, profile {args.profile}, form {args.form}, learned steps {steps}, "
+    print(f"\n{args.task}, profile {args.profile} (training x {args.train_factor:g}, lr {base.lr:g}), "
+          f"form {args.form}, learned steps {steps}, "
           f"{torch.get_num_threads()} threads, {time.perf_counter() - start:.0f} s; "
           "mean barrier (share of vanilla) [per pair]:")
     print(table(results, methods))
     if args.json:
         Path(args.json).write_text(json.dumps(dict(task=args.task, profile=args.profile, form=args.form,
+                                                   train_factor=args.train_factor, lr=base.lr,
                                                    steps=steps, pairs=args.pairs, results=results), indent=1))
     if args.figure:
         plot(results, methods, args.figure, f"{args.task} ({args.profile}), {args.form} form")
