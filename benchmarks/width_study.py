@@ -56,30 +56,24 @@ def with_training(config, factor=1.0, lr=None):
     return replace(config, **changes)
 
 
-def measure(config, pair, methods, steps, form, test, task_data):
+def measure(config, width, pair, methods, steps, form, test, task_data):
+    """{method: barrier} of one pair (the main job's ``reproduce.measure``), plus the endpoints' mean test loss."""
     import glmc_mini as gm
-    from glmc_mini.reproduce import METHODS
+    from glmc_mini.reproduce import measure as align_and_measure
     models = [gm.get_trained(config, s, progress=False) for s in pair]
     out = {}
     for method in methods:
-        name, classes = METHODS[method]
         start = time.perf_counter()
         if method == "vanilla":
             curve = gm.barrier(*models, test)
-            out[method], out["endpoint_loss"] = curve.barrier, (curve.loss_a + curve.loss_b) / 2
+            out["endpoint_loss"] = (curve.loss_a + curve.loss_b) / 2
         else:
             train = task_data.loader("train", config.batch_size, shuffle=True, seed=pair[0], drop_last=True)
-            res = gm.align(*models, method=name, symmetries=classes, data=train, steps=steps, seed=pair[0],
-                           form=form, progress=False)
-            out[method] = gm.barrier(res.model_a, res.model_b, test).barrier
-        print(f"  width {config_width(config):4d} pair {pair}: {method:12s} {out[method]:.3f} "
+            curve, _ = align_and_measure(*models, method, test, train, steps, pair[0], form)
+        out[method] = curve.barrier
+        print(f"  width {width:4d} pair {pair}: {method:12s} {out[method]:.3f} "
               f"({time.perf_counter() - start:.1f} s)", flush=True)
     return out
-
-
-def config_width(config):
-    m = config.model
-    return m.get("embed_dim") or m.get("n_embd") or m.get("hidden_size")
 
 
 def table(results, methods):
@@ -150,7 +144,7 @@ def main():
     results, start = {}, time.perf_counter()
     for width in args.widths:
         config = with_width(base, width)
-        results[width] = {f"{a},{b}": measure(config, (a, b), methods, steps, args.form, test, task_data)
+        results[width] = {f"{a},{b}": measure(config, width, (a, b), methods, steps, args.form, test, task_data)
                           for a, b in pairs}
     print(f"\n{args.task}, profile {args.profile} (training x {args.train_factor:g}, lr {base.lr:g}), "
           f"form {args.form}, learned steps {steps}, "
