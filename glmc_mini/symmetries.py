@@ -844,7 +844,7 @@ def transform_state(state, spec, transforms, check=True):
             continue
         x = state[p]
         for dim, segments in enumerate(axes):
-            if segments:
+            if segments and any(transforms.get(s) is not None for seg in segments for s, _ in seg.chain):
                 x = _transform_axis(x, dim, segments, spec, transforms)
         out[p] = x
     return out

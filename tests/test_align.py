@@ -275,12 +275,33 @@ def test_cached_updates_match_a_direct_recomputation(family):
 
 
 def test_weight_matching_effort_by_size():
-    """Below LARGE parameters every restart runs to the end (tol 1e-4); from LARGE up, one probe sweep, tol 2e-4."""
+    """Below LARGE parameters: three restarts run to the end, tol 1e-4, patience 2; from LARGE up:
+    the static start alone, tol 5e-4, patience 1. Given values are kept."""
     from glmc_mini.matching import LARGE, _effort
     small, large = {"w": torch.zeros(10)}, {"w": torch.zeros(LARGE)}
-    assert _effort(small, None, None, 50) == (1e-4, 50)
-    assert _effort(large, None, None, 50) == (2e-4, 1)
-    assert _effort(large, 1e-3, 3, 50) == (1e-3, 3)
+    assert _effort(small, None, None, None, None, 50) == (1e-4, 2, 3, 50)
+    assert _effort(large, None, None, None, None, 50) == (5e-4, 1, 0, 1)
+    assert _effort(large, 1e-3, 3, 2, 4, 50) == (1e-3, 3, 2, 4)
+    with pytest.raises(ValueError, match="restarts"):
+        _effort(small, None, None, -1, None, 50)
+
+
+def test_weight_matching_without_restarts_runs_the_static_start_or_one_identity_run():
+    """restarts=0: the static start alone where the model has one (its start distance follows the
+    identity's in the history, then its sweeps), else one run from the identity (= restarts=1)."""
+    from glmc_mini.matching import _Problem, _static_start, _updatable
+    from glmc_mini.symmetries import identity_transforms
+    A, B = gm.canonicalize(gpt(0)), gm.canonicalize(gpt(1))
+    _, history = weight_matching(A, B, restarts=0)
+    spec = build_spec(A)
+    classes = _updatable(spec, ("perm", "orth", "inv"))
+    start = {k: v for k, v in identity_transforms(spec).items() if k in classes}
+    problem = _Problem(spec, *(dict(m.state_dict()) for m in (A, B)), start, list(classes))
+    static = _static_start(problem, classes, start, list(classes))
+    assert history[1] == pytest.approx(problem.distance(static), rel=1e-9) and history[1] < history[0]
+    assert min(history[2:]) < history[1]
+    M_a, M_b = gm.canonicalize(mlp(0)), gm.canonicalize(mlp(1))
+    assert weight_matching(M_a, M_b, restarts=0)[1] == weight_matching(M_a, M_b, restarts=1)[1]
 
 
 def test_weight_matching_probe_continues_the_best_first_sweep():
