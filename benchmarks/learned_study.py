@@ -98,7 +98,7 @@ def main():
     settings = [("default", default)] + [(f"{axis}={v}", dict(default, **{axis: v}))
                                          for axis, values in axes.items() for v in values
                                          if v != default[axis]]
-    task_data, pairs = gm.load_task(args.task), [tuple(int(s) for s in p.split(",")) for p in args.pairs]
+    task_data, pairs = gm.load_task(args.task, args.profile), [tuple(int(s) for s in p.split(",")) for p in args.pairs]
     test = test_batches(task_data, config)
     results = {"task": args.task, "profile": args.profile, "form": args.form, "default": default, "runs": {}}
     begin = time.perf_counter()

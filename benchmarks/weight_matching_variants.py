@@ -72,7 +72,7 @@ def main():
     config = gm.task_config(args.task, args.profile)
     if args.width:
         config = with_width(config, args.width)
-    task_data = gm.load_task(args.task)
+    task_data = gm.load_task(args.task, args.profile)
     test = test_batches(task_data, config)
     for pair in [tuple(int(s) for s in p.split(",")) for p in args.pairs]:
         A, B = (gm.canonicalize(gm.get_trained(config, s, progress=False)) for s in pair)

@@ -5,18 +5,21 @@ of one task preset whose width alone changes (depth, heads, data and training fi
                                      [--profile quick] [--methods vanilla weight learned]
                                      [--steps N] [--form stock|circuit] [--json out.json]
                                      [--figure out.png] [--train-factor F] [--lr LR]
+    python benchmarks/width_study.py --plot vit.json gpt.json --figure out.png
 
 The width is the residual width (``embed_dim`` of a ViT, ``n_embd`` of a GPT-2, ``hidden_size``
 of a Llama), with the feed-forward width scaled with it as in the preset (ViT ``mlp_ratio``;
 GPT-2 ``n_inner = 4 x width``; Llama ``intermediate_size`` in the preset's ratio) and the number
 of heads kept (so heads get wider). Endpoints are trained once per (width, seed) and cached like
 the book's (``gm.get_trained``). ``--train-factor`` multiplies the preset's training length
-(epochs or steps; the study's training-length axis) and ``--lr`` replaces its learning rate. Each method aligns one pair with the main job's classes
+(epochs or steps; the study's training-length axis) and ``--lr`` replaces its learning rate (one
+value, or one per width). Each method aligns one pair with the main job's classes
 (``reproduce.METHODS``) and merges in ``--form`` (stock by default: what a user of stock models
 gets); learned matching takes the profile's steps (``reproduce.LEARNED_STEPS``) unless ``--steps``.
 Prints one row per width: the endpoints' mean test loss and, per method, the barrier of each
 pair, their mean and its share of vanilla averaging's barrier; ``--figure`` plots the mean barrier against width, one curve per
-method, with each pair's value as a dot.
+method, with each pair's value as a dot. ``--plot`` draws that figure from studies saved with
+``--json``, one panel per file side by side, and runs nothing.
 """
 import argparse
 import json
@@ -89,26 +92,46 @@ def table(results, methods):
     return "\n".join(lines)
 
 
-def plot(results, methods, path, title):
-    import matplotlib
-    matplotlib.use("Agg")
-    import glmc_mini as gm
+def _panel(ax, results, methods, title):
+    """Mean barrier against width, one curve per method, each pair's value as a dot."""
     from glmc_mini.reproduce import LABELS
-    fig, ax = gm.plots.figure(height=3.4)
-    widths = list(results)
+    widths = [int(w) for w in results]
     for m in methods:
-        means = [statistics.fmean(p[m] for p in results[w].values()) for w in widths]
+        means = [statistics.fmean(p[m] for p in per_pair.values()) for per_pair in results.values()]
         line, = ax.plot(widths, means, marker="o", label=LABELS[m])
-        for w in widths:
-            ys = [p[m] for p in results[w].values()]
+        for w, per_pair in zip(widths, results.values()):
+            ys = [p[m] for p in per_pair.values()]
             ax.scatter([w] * len(ys), ys, s=10, color=line.get_color(), alpha=0.5)
     ax.set_xscale("log", base=2)
     ax.set_xticks(widths, [str(w) for w in widths])
     ax.set_xlabel("residual width")
     ax.set_ylabel("test-loss barrier (nats)")
     ax.set_title(title)
-    gm.plots.style(ax)
+
+
+def plot(panels, methods, path):
+    """One panel per (results, title), side by side, one legend below; saved to ``path``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import glmc_mini as gm
+    fig, axes = gm.plots.figure(len(panels), 1, width=4.6 * len(panels), height=3.4)
+    axes = [axes] if len(panels) == 1 else list(axes)
+    for ax, (results, title) in zip(axes, panels):
+        _panel(ax, results, methods, title)
+        gm.plots.style(ax, legend=len(panels) == 1)
+    if len(panels) > 1:
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.01), ncol=len(labels),
+                   frameon=False, fontsize=gm.plots.FONT)
     fig.savefig(path, dpi=150, bbox_inches="tight")
+
+
+def title_of(saved):
+    """A panel title from a saved study: task, profile, learning rate and training length."""
+    extra = f", training x {saved['train_factor']:g}" if saved.get("train_factor", 1) != 1 else ""
+    lr = saved["lr"]
+    lr = f"lr {lr:g}" if not isinstance(lr, dict) else "lr per width"
+    return f"{saved['task']} ({saved['profile']}, {lr}{extra})"
 
 
 def main():
@@ -122,11 +145,20 @@ def main():
     parser.add_argument("--form", choices=("stock", "circuit"), default="stock")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--train-factor", type=float, default=1.0, help="training length x F")
-    parser.add_argument("--lr", type=float, default=None, help="training learning rate (default: the preset's)")
+    parser.add_argument("--lr", type=float, nargs="+", default=None,
+                        help="training learning rate: one for every width, or one per width (default: the preset's)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--figure", default=None)
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--plot", nargs="+", default=None, metavar="JSON",
+                        help="draw --figure from studies saved with --json (one panel each); run nothing")
     args = parser.parse_args()
+    if args.plot:
+        saved = [json.loads(Path(f).read_text()) for f in args.plot]
+        methods = [m for m in ("vanilla", "weight", "learned_perm", "learned", "activation")
+                   if m in next(iter(next(iter(saved[0]["results"].values())).values()))]
+        plot([(s["results"], title_of(s)) for s in saved], methods, args.figure or "width_study.png")
+        return
     import torch
     import glmc_mini as gm
     from glmc_mini.reproduce import LEARNED_STEPS, METHODS, test_batches
@@ -137,26 +169,34 @@ def main():
         raise SystemExit(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
     methods = ["vanilla"] + [m for m in args.methods if m != "vanilla"]
     pairs = [tuple(int(s) for s in p.split(",")) for p in args.pairs]
-    base = with_training(gm.task_config(args.task, args.profile), args.train_factor, args.lr)
-    task_data = gm.load_task(args.task)
+    lrs = args.lr or [None]
+    if len(lrs) not in (1, len(args.widths)):
+        raise SystemExit(f"--lr: give one learning rate or one per width ({len(args.widths)}), got {len(lrs)}")
+    lrs = dict(zip(args.widths, lrs * len(args.widths) if len(lrs) == 1 else lrs))
+    preset = gm.task_config(args.task, args.profile)
+    base = with_training(preset, args.train_factor)
+    task_data = gm.load_task(args.task, args.profile)
     test = test_batches(task_data, base)
     steps = args.steps or LEARNED_STEPS[args.profile]
     results, start = {}, time.perf_counter()
     for width in args.widths:
-        config = with_width(base, width)
+        config = with_width(with_training(preset, args.train_factor, lrs[width]), width)
         results[width] = {f"{a},{b}": measure(config, width, (a, b), methods, steps, args.form, test, task_data)
                           for a, b in pairs}
-    print(f"\n{args.task}, profile {args.profile} (training x {args.train_factor:g}, lr {base.lr:g}), "
+    lr = {w: lrs[w] or preset.lr for w in args.widths}
+    lr = next(iter(lr.values())) if len(set(lr.values())) == 1 else {str(w): v for w, v in lr.items()}
+    print(f"\n{args.task}, profile {args.profile} (training x {args.train_factor:g}, lr {lr}), "
           f"form {args.form}, learned steps {steps}, "
           f"{torch.get_num_threads()} threads, {time.perf_counter() - start:.0f} s; "
           "mean barrier (share of vanilla) [per pair]:")
     print(table(results, methods))
     if args.json:
         Path(args.json).write_text(json.dumps(dict(task=args.task, profile=args.profile, form=args.form,
-                                                   train_factor=args.train_factor, lr=base.lr,
+                                                   train_factor=args.train_factor, lr=lr,
                                                    steps=steps, pairs=args.pairs, results=results), indent=1))
     if args.figure:
-        plot(results, methods, args.figure, f"{args.task} ({args.profile}), {args.form} form")
+        plot([(results, title_of(dict(task=args.task, profile=args.profile, lr=lr, form=args.form,
+                                      train_factor=args.train_factor)))], methods, args.figure)
 
 
 if __name__ == "__main__":
