@@ -274,9 +274,15 @@ def _inverse_t(G):
 
 def _best_per_head(candidates, g):
     """Per head, the candidate G [H, hd, hd] with the lowest ||X_B G - X_A||^2 + ||Y_B G^-T - Y_A||^2,
-    from the products ``g`` of :func:`_grams` (||X_B G - X_A||^2 = <G, S_x G> - 2 <G, M_x> + ||X_A||^2)."""
+    from the products ``g`` of :func:`_grams` (||X_B G - X_A||^2 = <G, S_x G> - 2 <G, M_x> + ||X_A||^2).
+    That difference loses precision as ||X_B G||^2 outgrows ||X_A||^2 (float64 rounding of the first
+    term), so a candidate with ||X_B G||^2 or ||Y_B G^-T||^2 above 1e8 times A's (a blown-up
+    least-squares fit) is dropped rather than trusted, and costs are floored at 0."""
     eye = torch.eye(candidates[0].shape[-1], dtype=candidates[0].dtype, device=candidates[0].device)
-    fit = lambda G, S, M, n: (G * (S @ G)).sum((-1, -2)) - 2 * (G * M).sum((-1, -2)) + n
+
+    def fit(G, S, M, n):  # (cost, trusted)
+        big = (G * (S @ G)).sum((-1, -2))
+        return (big - 2 * (G * M).sum((-1, -2)) + n).clamp_min(0), big <= 1e8 * n.clamp_min(1e-300)
     costs = []
     for G in candidates:
         finite = torch.isfinite(G).all((-1, -2))
@@ -285,8 +291,9 @@ def _best_per_head(candidates, g):
         except RuntimeError:
             ok = torch.zeros_like(finite)
         Gs = torch.where(ok[:, None, None], G, eye)
-        cost = fit(Gs, g["Sx"], g["Mx"], g["nx"]) + \
+        (cx, tx), (cy, ty) = fit(Gs, g["Sx"], g["Mx"], g["nx"]), \
             fit(torch.linalg.inv(Gs).transpose(-1, -2), g["Sy"], g["My"], g["ny"])
+        cost, ok = cx + cy, ok & tx & ty
         costs.append(torch.where(ok & torch.isfinite(cost), cost, torch.full_like(cost, float("inf"))))
     pick = torch.stack(costs).argmin(0)  # (H,)
     stacked = torch.stack([torch.nan_to_num(G, nan=0.0, posinf=0.0, neginf=0.0) for G in candidates])
