@@ -97,8 +97,8 @@ def _sparse_assignment(C, current, k=CANDIDATES, sample=512):
     indptr = torch.zeros(n + 1, dtype=torch.long)
     indptr[1:] = torch.bincount(rows.cpu(), minlength=n).cumsum(0)
     G = csr_matrix((w.numpy(), cols.cpu().numpy(), indptr.numpy()), shape=(n, n))
-    _, cols = min_weight_full_bipartite_matching(G, maximize=True)
-    return torch.as_tensor(cols, dtype=torch.long)
+    _, match = min_weight_full_bipartite_matching(G, maximize=True)
+    return torch.as_tensor(match, dtype=torch.long)
 
 
 def polar(C):
