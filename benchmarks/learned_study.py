@@ -4,14 +4,15 @@ preset.
 
     python benchmarks/learned_study.py --task vit-digits --profile standard --pairs 11,12 13,14
         [--steps 100 300 1000 3000] [--lam 0.5:0.5 0.4:0.6 0.2:0.8 0:1] [--lr 3e-3 1e-2 3e-2]
-        [--lr-perm 0.02 0.05 0.15] [--batch 32 64 128] [--set KEY=VALUE ...] [--form circuit|stock]
-        [--json out.json]
+        [--lr-perm 0.02 0.05 0.15] [--batch 32 64 128] [--schedule constant cosine] [--set KEY=VALUE ...]
+        [--form circuit|stock] [--json out.json]
 
 Each pair is brought together as ``gm.align(method="learned", form=...)`` does (canonical forms,
 weight matching over all classes, then, in circuit form, the circuit models; then
 ``learned.learned_matching`` on training batches), with the weight-matching start computed once per
 pair and shared by every setting. The defaults are the main job's: the profile's steps
-(``reproduce.LEARNED_STEPS``), lambda ~ U(0.4, 0.6), lr 1e-2, lr_perm 0.05, the preset's batch size.
+(``reproduce.LEARNED_STEPS``), lambda ~ U(0.4, 0.6), lr 1e-2, lr_perm 0.05, the preset's batch size,
+learning rates held constant (``--schedule cosine``: decayed to zero over the run).
 An axis varies one setting; the others stay at their defaults (``--set`` changes a default, e.g.
 ``--set lr_perm=0.15 steps=1000``; an empty axis, e.g. ``--lam``, is left out). Prints, per axis, the barrier of
 each pair (nats, the profile's test windows), their mean and the seconds of one run; ``--json``
@@ -27,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-DEFAULTS = dict(lr=1e-2, lr_perm=0.05, lam="0.4:0.6")
+DEFAULTS = dict(lr=1e-2, lr_perm=0.05, lam="0.4:0.6", schedule="constant")
 
 
 def lam_range(text):
@@ -57,7 +58,7 @@ def run(A, B, T, task_data, config, pair, test, setting):
     t0 = time.perf_counter()
     T, _ = learned_matching(A, B, train, T, steps=setting["steps"], lr=setting["lr"],
                             lr_perm=setting["lr_perm"], lam_range=lam_range(setting["lam"]), seed=pair[0],
-                            progress=False)
+                            schedule=setting["schedule"], progress=False)
     seconds = time.perf_counter() - t0
     return barrier(A, apply_transforms(B, T), test).barrier, seconds
 
@@ -71,9 +72,10 @@ def main():
     parser.add_argument("--lam", nargs="*", default=["0.5:0.5", "0.4:0.6", "0.2:0.8", "0:1"])
     parser.add_argument("--lr", type=float, nargs="*", default=[3e-3, 1e-2, 3e-2])
     parser.add_argument("--lr-perm", type=float, nargs="*", default=[0.02, 0.05, 0.15])
+    parser.add_argument("--schedule", nargs="*", default=["constant", "cosine"])
     parser.add_argument("--batch", type=int, nargs="*", default=None, help="default: preset / 2, x1, x2")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="change a default (steps, lam, lr, lr_perm, batch), e.g. lr_perm=0.15")
+                        help="change a default (steps, lam, lr, lr_perm, batch, schedule), e.g. lr_perm=0.15")
     parser.add_argument("--form", choices=("circuit", "stock"), default="circuit")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None)
@@ -94,7 +96,8 @@ def main():
         default[key] = value if key == "lam" else type(default[key])(value)
     batches = args.batch if args.batch is not None else [config.batch_size // 2, config.batch_size,
                                                             config.batch_size * 2]
-    axes = {"steps": args.steps, "lam": args.lam, "lr": args.lr, "lr_perm": args.lr_perm, "batch": batches}
+    axes = {"steps": args.steps, "lam": args.lam, "lr": args.lr, "lr_perm": args.lr_perm, "batch": batches,
+            "schedule": args.schedule}
     settings = [("default", default)] + [(f"{axis}={v}", dict(default, **{axis: v}))
                                          for axis, values in axes.items() for v in values
                                          if v != default[axis]]

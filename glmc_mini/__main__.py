@@ -53,6 +53,8 @@ def _align_parser(sub):
                          "with DIR_A's tokenizer, else read as bytes), a .safetensors / .npz file with x and y "
                          "for classifiers")
     al.add_argument("--steps", type=int, default=None, help="learned-matching steps (default 200)")
+    al.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
+                    help="learned matching's learning rates: held constant (default) or decayed to zero by a cosine")
     al.add_argument("--seed", type=int, default=0, help="seed of the solvers and of the data order (default 0)")
     al.add_argument("--batch-size", type=int, default=8, help="global batch size (default 8)")
     al.add_argument("--seq-len", type=int, default=None,
@@ -84,7 +86,8 @@ def align_main(args):
     try:
         summary = align_checkpoints(args.dir_a, args.dir_b, args.out, method=args.method,
                                     symmetries=tuple(args.symmetries), data=args.data, t=args.t, steps=args.steps,
-                                    seed=args.seed, batch_size=args.batch_size, seq_len=args.seq_len,
+                                    schedule=args.schedule, seed=args.seed, batch_size=args.batch_size,
+                                    seq_len=args.seq_len,
                                     device=device, progress=not args.no_progress and rank == 0)
     except (CheckpointError, ValueError, TypeError) as e:  # UnsupportedModelError is a TypeError
         print(f"error: {one_line(e)}", file=sys.stderr)

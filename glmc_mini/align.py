@@ -40,7 +40,7 @@ class AlignResult:
     losses: list = field(default_factory=list)    # learned matching: merged loss per step
 
 
-def _validate(method, symmetries, data, form, steps=None, seed=0, lr=None):
+def _validate(method, symmetries, data, form, steps=None, seed=0, lr=None, schedule="constant"):
     """The arguments of ``align`` checked up front; returns the symmetry classes as a tuple."""
     choice(method, "method", METHODS)
     choice(form, "form", FORMS)
@@ -63,6 +63,8 @@ def _validate(method, symmetries, data, form, steps=None, seed=0, lr=None):
     seed_value(seed)
     if lr is not None:
         real(lr, "lr", low=0.0, open_low=True)
+    from .learned import SCHEDULES
+    choice(schedule, "schedule", SCHEDULES)
     return symmetries
 
 
@@ -96,7 +98,7 @@ def _check_first_batch(model, data):
 
 
 def align(model_a, model_b, method="weight", symmetries=("perm", "orth", "inv"), data=None, steps=None,
-          seed=0, form="stock", progress=True, lr=None):
+          seed=0, form="stock", progress=True, lr=None, schedule="constant"):
     """Bring ``model_b`` onto ``model_a`` modulo the chosen symmetry classes.
 
     Inputs: two models of one architecture (stock MLP / timm ViT / HF GPT-2), untouched;
@@ -108,7 +110,7 @@ def align(model_a, model_b, method="weight", symmetries=("perm", "orth", "inv"),
     ``data``. Learned matching iterates ``data`` once (a single-pass generator works): its first
     batches are held out to choose the returned iterate, the rest are trained on.
     """
-    symmetries = _validate(method, symmetries, data, form, steps, seed, lr)
+    symmetries = _validate(method, symmetries, data, form, steps, seed, lr, schedule)
     seed, steps = seed_value(seed), optional_positive_int(steps, "steps")  # plain ints (numpy ints too)
     spec = check_pair(model_a, model_b)
     if method != "none":
@@ -122,17 +124,19 @@ def align(model_a, model_b, method="weight", symmetries=("perm", "orth", "inv"),
                            time.perf_counter() - start)
     A, B = canonicalize(model_a), canonicalize(model_b)
     res = AlignResult(A, B, {}, method, symmetries, form, 0.0)
+    learned = dict(steps=200 if steps is None else steps, lr=1e-2 if lr is None else lr, schedule=schedule,
+                   seed=seed, progress=progress)
     if method != "none":
-        _solve(res, spec, data, steps, seed, progress, lr)
+        _solve(res, spec, data, seed, progress, learned)
     if form == "circuit":
-        _to_circuit_form(res, data, steps, seed, progress, lr)
+        _to_circuit_form(res, data, learned)
     else:
         res.model_b = apply_transforms(B, res.transforms)
     res.seconds = time.perf_counter() - start
     return res
 
 
-def _solve(res, spec, data, steps, seed, progress, lr):
+def _solve(res, spec, data, seed, progress, learned):
     from .matching import activation_matching, weight_matching
     A, B = res.model_a, res.model_b
     if res.method == "activation":
@@ -141,20 +145,16 @@ def _solve(res, spec, data, steps, seed, progress, lr):
     res.transforms, res.history = weight_matching(A, B, symmetries=res.symmetries, seed=seed, progress=progress)
     if res.method == "learned" and res.form == "stock":
         from .learned import learned_matching
-        res.transforms, res.losses = learned_matching(A, B, data, res.transforms, steps=200 if steps is None else steps,
-                                                      lr=1e-2 if lr is None else lr, seed=seed,
-                                                      progress=progress)
+        res.transforms, res.losses = learned_matching(A, B, data, res.transforms, **learned)
 
 
-def _to_circuit_form(res, data, steps, seed, progress, lr):
+def _to_circuit_form(res, data, learned):
     """Circuit form: per-head invertible maps vanish; learned matching refines perms and O there."""
     from .circuit import to_circuit
     T = {k: v for k, v in res.transforms.items() if not k.startswith(("qk.", "ov."))}
     A, B = to_circuit(res.model_a), to_circuit(res.model_b)
     if res.method == "learned":
         from .learned import learned_matching
-        T, res.losses = learned_matching(A, B, data, T, steps=200 if steps is None else steps,
-                                         lr=1e-2 if lr is None else lr, seed=seed,
-                                         progress=progress)
+        T, res.losses = learned_matching(A, B, data, T, **learned)
     res.transforms, res.model_a = T, A
     res.model_b = apply_transforms(B, T)

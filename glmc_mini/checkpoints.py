@@ -362,11 +362,13 @@ def _distance(model_a, model_b=None):
 
 
 def align_checkpoints(dir_a, dir_b, out, method="weight", symmetries=("perm", "orth", "inv"), data=None,
-                      t=None, steps=None, seed=0, batch_size=8, seq_len=None, device="cpu", progress=True):
+                      t=None, steps=None, seed=0, batch_size=8, seq_len=None, device="cpu", progress=True,
+                      schedule="constant"):
     """Align the checkpoint in ``dir_b`` onto the one in ``dir_a`` and write the results to ``out``.
 
     What ``python -m glmc_mini align`` runs (module docstring: formats and outputs). ``data``: a
-    file (:func:`read_data`), needed by methods "activation" and "learned". Under an initialised
+    file (:func:`read_data`), needed by methods "activation" and "learned"; ``steps`` and ``schedule``,
+    learned matching's (``gm.align``). Under an initialised
     torch.distributed process group every process reads and aligns (learned matching splits each
     batch across them, ``distributed``) and process 0 alone writes ``out``. Everything is checked
     before any solver runs; CheckpointError / ValueError / TypeError naming the cause otherwise.
@@ -392,11 +394,12 @@ def align_checkpoints(dir_a, dir_b, out, method="weight", symmetries=("perm", "o
     batches = read_data(data, a, batch_size, seq_len, seed) if data is not None else None
     loaded = time.perf_counter()
     res = gm.align(a.model, b.model, method=method, symmetries=symmetries, data=batches, steps=steps, seed=seed,
-                progress=progress)
+                   schedule=schedule, progress=progress)
     merged = gm.interpolate(res.model_a, res.model_b, t) if t is not None else None
     summary = {
         "format": a.format, "model_a_in": str(a.path.resolve()), "model_b_in": str(b.path.resolve()),
-        "method": method, "symmetries": list(res.symmetries), "seed": seed, "steps": steps, "t": t,
+        "method": method, "symmetries": list(res.symmetries), "seed": seed, "steps": steps,
+        "schedule": schedule if method == "learned" else None, "t": t,
         "data": None if data is None else str(Path(data).resolve()),
         "batches": None if batches is None else len(batches), "processes": size,
         "canonical": method != "none",

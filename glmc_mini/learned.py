@@ -15,15 +15,18 @@ Free parameters per space are projected onto their class on every forward pass (
   per frequency pair (``symmetries.Rotary``).
 
 Each step draws lambda ~ U(0.4, 0.6), merges (1 - lambda) A + lambda T(B), and back-propagates
-the task loss of the merged model into the projection parameters only (the endpoints are frozen).
+the task loss of the merged model into the projection parameters only (the endpoints are frozen),
+with Adam at learning rates held constant or decayed to zero by a cosine (``schedule``).
 Initialised from weight matching: identity initialisation is much worse in Theus et al. (2025).
 Introduced in chapter 5.
 """
+import math
+
 import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from .checks import check_data, positive_int, real, seed_value, split_held_out
+from .checks import check_data, choice, positive_int, real, seed_value, split_held_out
 from .models import batch_loss, model_kind
 from .spaces import build_spec
 from .symmetries import CLASSES, Orthogonal, Permutation, transform_state
@@ -120,8 +123,19 @@ def merged_loss(lossof, A, TB, lam, batch):
     return torch.func.functional_call(lossof, merged, (batch,))
 
 
+SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate_factor(schedule, step, steps):
+    """The factor on both learning rates before optimiser step ``step`` (0-based) of ``steps``:
+    1 throughout ("constant"), or 1/2 (1 + cos(pi step / steps)) ("cosine": from 1 down to near 0,
+    so the last steps settle instead of hopping between the assignments a fixed rate keeps reaching)."""
+    return 1.0 if schedule == "constant" else 0.5 * (1.0 + math.cos(math.pi * step / steps))
+
+
 def learned_matching(model_a, model_b, data, init, steps=200, lr=1e-2, lr_perm=0.05, seed=0,
-                     lam_range=(0.4, 0.6), select_batches=4, progress=True, distributed=None):
+                     lam_range=(0.4, 0.6), select_batches=4, progress=True, distributed=None,
+                     schedule="constant"):
     """Refine ``init`` (weight matching's transforms) on the loss of the merged model.
 
     Inputs: model_a, model_b of one class (canonical stock models, or circuit models); data, any
@@ -132,7 +146,8 @@ def learned_matching(model_a, model_b, data, init, steps=200, lr=1e-2, lr_perm=0
     move by about 1: they use ``lr_perm``. Stochastic steps can wander and fit the batches they
     see, so the returned solution is the best, by the midpoint loss (lambda = 1/2) on the held-out
     batches, among the start and the iterates checked every ``steps // 10`` steps: never worse
-    than ``init`` on those batches. The models' train/eval modes are left as they were (the loss
+    than ``init`` on those batches. ``schedule`` scales both learning rates per step
+    (:func:`learning_rate_factor`: "constant", or "cosine" decay to zero over ``steps``). The models' train/eval modes are left as they were (the loss
     is computed in eval mode). Returns (hard transforms {space: Transform}, list of per-step losses).
 
     Data-parallel across processes (``glmc_mini.distributed``) when ``distributed`` is True, or None
@@ -144,6 +159,7 @@ def learned_matching(model_a, model_b, data, init, steps=200, lr=1e-2, lr_perm=0
     from . import distributed as dp
     steps, select_batches = positive_int(steps, "steps"), positive_int(select_batches, "select_batches")
     lr, lr_perm = real(lr, "lr", low=0.0, open_low=True), real(lr_perm, "lr_perm", low=0.0, open_low=True)
+    schedule = choice(schedule, "schedule", SCHEDULES)
     lo, hi = (real(v, "lam_range", 0.0, 1.0) for v in lam_range)
     if lo > hi:
         raise ValueError(f"lam_range must be (low, high) with low <= high, got {tuple(lam_range)}")
@@ -154,6 +170,7 @@ def learned_matching(model_a, model_b, data, init, steps=200, lr=1e-2, lr_perm=0
     B = {k: v.detach() for k, v in model_b.state_dict().items()}
     proj = Projections(dict(init), spec).to(device)
     opt = torch.optim.Adam(proj.param_groups(lr, lr_perm))
+    base = [g["lr"] for g in opt.param_groups]
     lossof, gen = _LossOf(model_a), torch.Generator().manual_seed(seed_value(seed))  # same lambdas on every rank
     held, batches = split_held_out(check_data(data), select_batches)
 
@@ -174,6 +191,8 @@ def learned_matching(model_a, model_b, data, init, steps=200, lr=1e-2, lr_perm=0
                 loss = loss * share  # summed over processes: the mean over the global batch
             opt.zero_grad()
             loss.backward()
+            for group, rate in zip(opt.param_groups, base):
+                group["lr"] = rate * learning_rate_factor(schedule, step - 1, steps)
             if size > 1:
                 dp.sum_grads(proj.parameters())
             opt.step()

@@ -119,9 +119,10 @@ def test_weight_matching_writes_loadable_models_with_the_same_functions(gpt2_pai
 def test_learned_matching_on_bytes_and_a_merge(gpt2_pair, tmp_path, capsys):
     a, b, text = gpt2_pair
     code, _, err = run(capsys, a, b, "--out", tmp_path / "out", "--method", "learned", "--data", text,
-                       "--steps", 3, "--seq-len", 16, "--t", 0.5)
+                       "--steps", 3, "--seq-len", 16, "--t", 0.5, "--schedule", "cosine")
     assert code == 0, err
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["schedule"] == "cosine" and summary["steps"] == 3
     assert summary["batches"] >= 2 and len(summary["learned_loss_first_last"]) == 2
     x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
     assert close(lm_logits(tmp_path / "out" / "model_b", x), lm_logits(b, x))

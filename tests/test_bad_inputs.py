@@ -301,6 +301,7 @@ ALIGN_ARGS = [
     (dict(seed=1.5), TypeError, "seed"),
     (dict(lr=0.0, method="learned"), ValueError, "lr"),
     (dict(lr=float("nan"), method="learned"), ValueError, "lr"),
+    (dict(schedule="linear", method="learned"), ValueError, "schedule"),
     (dict(data=torch.zeros(4, 64), method="activation"), TypeError, "iterable of batches"),
     (dict(data=[], method="activation"), ValueError, "empty"),
     (dict(data=iter([]), method="learned"), ValueError, "empty"),
@@ -363,6 +364,8 @@ def test_other_entry_points_check_their_arguments():
     raises(ValueError, "lam_range", lambda: gm.learned_matching(A, A, mlp_batches(), init, steps=1,
                                                                  lam_range=(0.6, 0.4), progress=False))
     raises(ValueError, "steps", lambda: gm.learned_matching(A, A, mlp_batches(), init, steps=0, progress=False))
+    raises(ValueError, "schedule", lambda: gm.learned_matching(A, A, mlp_batches(), init, steps=1, schedule="linear",
+                                                                progress=False))
 
 
 # --------------------------------------------------------------------------- data that does not fit the model
@@ -437,6 +440,34 @@ def test_learned_matching_is_never_worse_than_its_start_on_held_out_batches():
     start = _score(_LossOf(A), sa, sb, spec, init, data[:4])[0]
     end = _score(_LossOf(A), sa, sb, spec, T, data[:4])[0]
     assert end <= start + 1e-6
+
+
+def test_cosine_schedule_decays_both_learning_rates_to_zero(monkeypatch):
+    from glmc_mini.learned import learning_rate_factor
+    assert [learning_rate_factor("constant", s, 10) for s in (0, 5, 9)] == [1.0, 1.0, 1.0]
+    cosine = [learning_rate_factor("cosine", s, 10) for s in range(10)]
+    assert cosine[0] == 1.0 and abs(cosine[5] - 0.5) < 1e-12 and 0 < cosine[-1] < 0.025
+    assert all(x > y for x, y in zip(cosine, cosine[1:]))
+    # a run with each schedule: B's function kept, the start's held-out loss never exceeded
+    from glmc_mini.learned import _LossOf, _score
+    A = gm.canonicalize(vit())
+    spec = gm.build_spec(A)
+    B = gm.apply_transforms(A, gm.random_transforms(spec, ("perm", "orth", "inv"), seed=3))
+    init, data = gm.weight_matching(A, B)[0], img_batches(8)
+    sa, sb = A.state_dict(), B.state_dict()
+    start = _score(_LossOf(A), sa, sb, spec, init, data[:4])[0]
+    rates, step = [], torch.optim.Adam.step
+    monkeypatch.setattr(torch.optim.Adam, "step", lambda opt, *a, **k: (
+        rates.append([g["lr"] for g in opt.param_groups]), step(opt, *a, **k))[1])
+    for schedule, factors in (("constant", [1.0] * 10), ("cosine", cosine)):
+        rates.clear()
+        T, _ = gm.learned_matching(A, B, data, init, steps=10, lr=0.5, lr_perm=0.05, schedule=schedule,
+                                   progress=False)
+        assert rates == [[0.05 * f, 0.5 * f] for f in factors], (schedule, rates)
+        assert _score(_LossOf(A), sa, sb, spec, T, data[:4])[0] <= start + 1e-6
+        x = data[0][0]
+        with torch.no_grad():
+            assert (gm.apply_transforms(B, T)(x) - B(x)).abs().max() < 1e-4
 
 
 def test_learned_matching_keeps_the_models_modes():
