@@ -5,7 +5,7 @@ preset.
     python benchmarks/learned_study.py --task vit-digits --profile standard --pairs 11,12 13,14
         [--steps 100 300 1000 3000] [--lam 0.5:0.5 0.4:0.6 0.2:0.8 0:1] [--lr 3e-3 1e-2 3e-2]
         [--lr-perm 0.02 0.05 0.15] [--batch 32 64 128] [--schedule constant cosine] [--set KEY=VALUE ...]
-        [--form circuit|stock] [--json out.json]
+        [--form circuit|stock] [--train-barrier] [--json out.json]
 
 Each pair is brought together as ``gm.align(method="learned", form=...)`` does (canonical forms,
 weight matching over all classes, then, in circuit form, the circuit models; then
@@ -14,9 +14,10 @@ pair and shared by every setting. The defaults are the main job's: the profile's
 (``reproduce.LEARNED_STEPS``), lambda ~ U(0.4, 0.6), lr 1e-2, lr_perm 0.05, the preset's batch size,
 learning rates held constant (``--schedule cosine``: decayed to zero over the run).
 An axis varies one setting; the others stay at their defaults (``--set`` changes a default, e.g.
-``--set lr_perm=0.15 steps=1000``; an empty axis, e.g. ``--lam``, is left out). Prints, per axis, the barrier of
-each pair (nats, the profile's test windows), their mean and the seconds of one run; ``--json``
-keeps every run (written after each, so a long study can be read while it runs).
+``--set lr_perm=0.15 steps=1000``; an empty axis, e.g. ``--lam``, is left out). Prints, per axis,
+the barrier of each pair (nats, the profile's test windows; with ``--train-barrier`` also on as
+many training examples, the data learned matching trains on), their mean and the seconds of one
+run; ``--json`` keeps every run (written after each, so a long study can be read while it runs).
 """
 import argparse
 import json
@@ -49,8 +50,17 @@ def start(model_a, model_b, form):
     return A, B, T
 
 
+def training_examples(task_data, config):
+    """The first training examples, as many as the profile's test examples (``reproduce.test_batches``),
+    in evaluation batches: the data learned matching trains on, to compare its barrier there and on test."""
+    from glmc_mini.reproduce import TEST_LIMIT
+    images, windows = TEST_LIMIT[config.profile]
+    return list(task_data.loader("train", config.eval_batch_size,
+                                 limit=windows if config.kind == "language" else images))
+
+
 def run(A, B, T, task_data, config, pair, test, setting):
-    """The barrier after learned matching with ``setting``, and its seconds."""
+    """The barrier after learned matching with ``setting``, its seconds and B aligned."""
     from glmc_mini.barrier import barrier
     from glmc_mini.learned import learned_matching
     from glmc_mini.symmetries import apply_transforms
@@ -60,7 +70,8 @@ def run(A, B, T, task_data, config, pair, test, setting):
                             lr_perm=setting["lr_perm"], lam_range=lam_range(setting["lam"]), seed=pair[0],
                             schedule=setting["schedule"], progress=False)
     seconds = time.perf_counter() - t0
-    return barrier(A, apply_transforms(B, T), test).barrier, seconds
+    aligned = apply_transforms(B, T)
+    return barrier(A, aligned, test).barrier, seconds, aligned
 
 
 def main():
@@ -79,6 +90,8 @@ def main():
     parser.add_argument("--form", choices=("circuit", "stock"), default="circuit")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--train-barrier", action="store_true",
+                        help="also the barrier on as many training examples as test examples (the first ones)")
     args = parser.parse_args()
     import torch
     import glmc_mini as gm
@@ -103,21 +116,33 @@ def main():
                                          if v != default[axis]]
     task_data, pairs = gm.load_task(args.task, args.profile), [tuple(int(s) for s in p.split(",")) for p in args.pairs]
     test = test_batches(task_data, config)
-    results = {"task": args.task, "profile": args.profile, "form": args.form, "default": default, "runs": {}}
+    train_eval = training_examples(task_data, config) if args.train_barrier else None
+    results = {"task": args.task, "profile": args.profile, "form": args.form, "default": default, "runs": {},
+               "train_barrier": {}}
+
+    def on_training_data(name, key, aligned):
+        """The barrier of the same merge on ``train_eval`` (``--train-barrier``), kept and returned as text."""
+        if train_eval is None:
+            return ""
+        b = barrier(A, aligned, train_eval).barrier
+        results["train_barrier"].setdefault(name, {})[key] = b
+        return f", on training data {b:.3f}"
     begin = time.perf_counter()
     for pair in pairs:
         models = [gm.get_trained(config, s, progress=False) for s in pair]
         key = f"{pair[0]},{pair[1]}"
         t0 = time.perf_counter()
         A, B, T = start(*models, args.form)
-        wm = barrier(A, apply_transforms(B, T), test).barrier
+        aligned = apply_transforms(B, T)
+        wm = barrier(A, aligned, test).barrier
         results["runs"].setdefault("vanilla", {})[key] = (gm.barrier(*models, test).barrier, 0.0)
         results["runs"].setdefault("weight", {})[key] = (wm, time.perf_counter() - t0)
-        print(f"pair {key}: vanilla {results['runs']['vanilla'][key][0]:.3f}, weight {wm:.3f}", flush=True)
+        print(f"pair {key}: vanilla {results['runs']['vanilla'][key][0]:.3f}, weight {wm:.3f}"
+              + on_training_data("weight", key, aligned), flush=True)
         for name, setting in settings:
-            b, s = run(A, B, T, task_data, config, pair, test, setting)
+            b, s, aligned = run(A, B, T, task_data, config, pair, test, setting)
             results["runs"].setdefault(name, {})[key] = (b, s)
-            print(f"pair {key}: {name:16s} {b:.3f} ({s:.0f} s)", flush=True)
+            print(f"pair {key}: {name:16s} {b:.3f} ({s:.0f} s)" + on_training_data(name, key, aligned), flush=True)
             if args.json:
                 Path(args.json).write_text(json.dumps(results, indent=1))
     print(f"\n{args.task}, profile {args.profile}, {args.form} form, {torch.get_num_threads()} threads, "
