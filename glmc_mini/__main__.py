@@ -34,6 +34,7 @@ def build_parser():
 
 def _align_parser(sub):
     from .align import CLASSES, METHODS
+    from .learned import SCHEDULES
     al = sub.add_parser(
         "align", help="align two checkpoint directories (Hugging Face or timm) and write the results",
         description="Align the model in DIR_B onto the model in DIR_A and write to OUT: model_a (A in canonical "
@@ -53,7 +54,7 @@ def _align_parser(sub):
                          "with DIR_A's tokenizer, else read as bytes), a .safetensors / .npz file with x and y "
                          "for classifiers")
     al.add_argument("--steps", type=int, default=None, help="learned-matching steps (default 200)")
-    al.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
+    al.add_argument("--schedule", choices=SCHEDULES, default="constant",
                     help="learned matching's learning rates: held constant (default) or decayed to zero by a cosine")
     al.add_argument("--seed", type=int, default=0, help="seed of the solvers and of the data order (default 0)")
     al.add_argument("--batch-size", type=int, default=8, help="global batch size (default 8)")
