@@ -5,7 +5,7 @@ preset.
     python benchmarks/learned_study.py --task vit-digits --profile standard --pairs 11,12 13,14
         [--steps 100 300 1000 3000] [--lam 0.5:0.5 0.4:0.6 0.2:0.8 0:1] [--lr 3e-3 1e-2 3e-2]
         [--lr-perm 0.02 0.05 0.15] [--batch 32 64 128] [--schedule constant cosine] [--set KEY=VALUE ...]
-        [--form circuit|stock] [--train-barrier] [--json out.json]
+        [--form circuit|stock] [--repeats R] [--train-barrier] [--json out.json]
 
 Each pair is brought together as ``gm.align(method="learned", form=...)`` does (canonical forms,
 weight matching over all classes, then, in circuit form, the circuit models; then
@@ -17,7 +17,9 @@ An axis varies one setting; the others stay at their defaults (``--set`` changes
 ``--set lr_perm=0.15 steps=1000``; an empty axis, e.g. ``--lam``, is left out). Prints, per axis,
 the barrier of each pair (nats, the profile's test windows; with ``--train-barrier`` also on as
 many training examples, the data learned matching trains on), their mean and the seconds of one
-run; ``--json`` keeps every run (written after each, so a long study can be read while it runs).
+run; ``--repeats R`` runs each setting R times per pair, each with its own order of the training
+batches and its own lambdas (the table then lists each run); ``--json`` keeps every run (written
+after each, so a long study can be read while it runs).
 """
 import argparse
 import json
@@ -59,15 +61,16 @@ def training_examples(task_data, config):
                                  limit=windows if config.kind == "language" else images))
 
 
-def run(A, B, T, task_data, config, pair, test, setting):
-    """The barrier after learned matching with ``setting``, its seconds and B aligned."""
+def run(A, B, T, task_data, config, seed, test, setting):
+    """The barrier after learned matching with ``setting`` (data order and lambdas from ``seed``), its
+    seconds and B aligned."""
     from glmc_mini.barrier import barrier
     from glmc_mini.learned import learned_matching
     from glmc_mini.symmetries import apply_transforms
-    train = task_data.loader("train", setting["batch"], shuffle=True, seed=pair[0], drop_last=True)
+    train = task_data.loader("train", setting["batch"], shuffle=True, seed=seed, drop_last=True)
     t0 = time.perf_counter()
     T, _ = learned_matching(A, B, train, T, steps=setting["steps"], lr=setting["lr"],
-                            lr_perm=setting["lr_perm"], lam_range=lam_range(setting["lam"]), seed=pair[0],
+                            lr_perm=setting["lr_perm"], lam_range=lam_range(setting["lam"]), seed=seed,
                             schedule=setting["schedule"], progress=False)
     seconds = time.perf_counter() - t0
     aligned = apply_transforms(B, T)
@@ -90,6 +93,9 @@ def main():
     parser.add_argument("--form", choices=("circuit", "stock"), default="circuit")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs per setting and pair, each with its own data order and lambdas (seed: the "
+                             "pair's first seed + 1000 r)")
     parser.add_argument("--train-barrier", action="store_true",
                         help="also the barrier on as many training examples as test examples (the first ones)")
     args = parser.parse_args()
@@ -100,6 +106,8 @@ def main():
     from glmc_mini.symmetries import apply_transforms
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats {args.repeats}: give at least 1")
     config = gm.task_config(args.task, args.profile)
     default = dict(DEFAULTS, steps=LEARNED_STEPS[args.profile], batch=config.batch_size)
     for item in args.set:
@@ -140,9 +148,12 @@ def main():
         print(f"pair {key}: vanilla {results['runs']['vanilla'][key][0]:.3f}, weight {wm:.3f}"
               + on_training_data("weight", key, aligned), flush=True)
         for name, setting in settings:
-            b, s, aligned = run(A, B, T, task_data, config, pair, test, setting)
-            results["runs"].setdefault(name, {})[key] = (b, s)
-            print(f"pair {key}: {name:16s} {b:.3f} ({s:.0f} s)" + on_training_data(name, key, aligned), flush=True)
+            for r in range(args.repeats):
+                run_key = key if r == 0 else f"{key} order {r}"
+                b, s, aligned = run(A, B, T, task_data, config, pair[0] + 1000 * r, test, setting)
+                results["runs"].setdefault(name, {})[run_key] = (b, s)
+                print(f"pair {run_key}: {name:16s} {b:.3f} ({s:.0f} s)" + on_training_data(name, run_key, aligned),
+                      flush=True)
             if args.json:
                 Path(args.json).write_text(json.dumps(results, indent=1))
     print(f"\n{args.task}, profile {args.profile}, {args.form} form, {torch.get_num_threads()} threads, "
