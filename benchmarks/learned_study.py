@@ -128,7 +128,7 @@ def main():
     results = {"task": args.task, "profile": args.profile, "form": args.form, "default": default, "runs": {},
                "train_barrier": {}}
 
-    def on_training_data(name, key, aligned):
+    def on_training_data(name, key, A, aligned):
         """The barrier of the same merge on ``train_eval`` (``--train-barrier``), kept and returned as text."""
         if train_eval is None:
             return ""
@@ -146,14 +146,14 @@ def main():
         results["runs"].setdefault("vanilla", {})[key] = (gm.barrier(*models, test).barrier, 0.0)
         results["runs"].setdefault("weight", {})[key] = (wm, time.perf_counter() - t0)
         print(f"pair {key}: vanilla {results['runs']['vanilla'][key][0]:.3f}, weight {wm:.3f}"
-              + on_training_data("weight", key, aligned), flush=True)
+              + on_training_data("weight", key, A, aligned), flush=True)
         for name, setting in settings:
             for r in range(args.repeats):
                 run_key = key if r == 0 else f"{key} order {r}"
                 b, s, aligned = run(A, B, T, task_data, config, pair[0] + 1000 * r, test, setting)
                 results["runs"].setdefault(name, {})[run_key] = (b, s)
-                print(f"pair {run_key}: {name:16s} {b:.3f} ({s:.0f} s)" + on_training_data(name, run_key, aligned),
-                      flush=True)
+                print(f"pair {run_key}: {name:16s} {b:.3f} ({s:.0f} s)"
+                      + on_training_data(name, run_key, A, aligned), flush=True)
             if args.json:
                 Path(args.json).write_text(json.dumps(results, indent=1))
     print(f"\n{args.task}, profile {args.profile}, {args.form} form, {torch.get_num_threads()} threads, "

@@ -147,8 +147,9 @@ def learned_matching(model_a, model_b, data, init, steps=200, lr=1e-2, lr_perm=0
     see, so the returned solution is the best, by the midpoint loss (lambda = 1/2) on the held-out
     batches, among the start and the iterates checked every ``steps // 10`` steps: never worse
     than ``init`` on those batches. ``schedule`` scales both learning rates per step
-    (:func:`learning_rate_factor`: "constant", or "cosine" decay to zero over ``steps``). The models' train/eval modes are left as they were (the loss
-    is computed in eval mode). Returns (hard transforms {space: Transform}, list of per-step losses).
+    (:func:`learning_rate_factor`: "constant", or "cosine" decay to zero over ``steps``). The
+    models' train/eval modes are left as they were (the loss is computed in eval mode). Returns
+    (hard transforms {space: Transform}, list of per-step losses).
 
     Data-parallel across processes (``glmc_mini.distributed``) when ``distributed`` is True, or None
     (the default) and a torch.distributed process group is initialised: every process passes the
@@ -191,8 +192,9 @@ def learned_matching(model_a, model_b, data, init, steps=200, lr=1e-2, lr_perm=0
                 loss = loss * share  # summed over processes: the mean over the global batch
             opt.zero_grad()
             loss.backward()
+            factor = learning_rate_factor(schedule, step - 1, steps)
             for group, rate in zip(opt.param_groups, base):
-                group["lr"] = rate * learning_rate_factor(schedule, step - 1, steps)
+                group["lr"] = rate * factor
             if size > 1:
                 dp.sum_grads(proj.parameters())
             opt.step()
